@@ -1,0 +1,105 @@
+"""``AtomConfig``: what to adapt and how, in the shape PEFT users know from ``LoraConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AtomtuneError
+from .shrinkage import SHRINKAGES
+
+MODES = ("attention", "linear")
+PLACEMENTS = ("pre_out", "post_out")
+ATTENTION_KINDS = ("self", "cross", "both")
+
+
+@dataclass
+class AtomConfig:
+    """Settings of one atom adapter.
+
+    Attention mode adapts attention modules: ``ΔO = σ_λ(concat_h A_h·Xc·W_s^h)·D``.
+    Linear mode adapts ``nn.Linear`` (and GPT-2's ``Conv1D``) layers: ``ΔY = σ_λ(X·W_s)·D``.
+
+    Args:
+        mode: ``"attention"`` (diffusers ``Attention`` modules) or ``"linear"``.
+        num_atoms: atoms ``M`` per adapted module; in attention mode split evenly over the heads,
+            so it must be a multiple of the head count.
+        shrinkage: ``"soft"`` (sign(z)·max(|z|−λ, 0)), ``"relu"`` (max(z−λ, 0)) or ``"topk"``.
+        topk: atoms kept per token with ``shrinkage="topk"``.
+        lambda_init: initial threshold λ, per atom. Small, so that coefficients start non-zero
+            and gradients flow; the L1 penalty then raises it where the data allow.
+        learn_lambda: learn λ (kept non-negative as ``|λ|``) or keep it fixed.
+        placement: attention mode only. ``"pre_out"`` adds ``ΔO`` in the value space before the
+            output projection (the paper's form); ``"post_out"`` adds it after.
+        attention: attention mode only: adapt ``"self"``-, ``"cross"``-attention or ``"both"``.
+        target_modules: regular expression (``re.search``) on module names, or a list of them;
+            ``None`` means every module of the mode's kind. Required in linear mode.
+        layers: only modules whose first index in their name (``transformer_blocks.3.…`` → 3)
+            is in this list; ``None`` means all.
+        fused: compute the coefficients in the same attention call as the values (widened value
+            heads) rather than a second call. Same result, one kernel launch.
+        init_scale: ``W_s`` starts as N(0, (init_scale / √fan_in)²); ``D`` starts at zero, so the
+            adapted model equals the pretrained one at step 0.
+        sparsity_weight: weight of the L1 penalty on the coefficients in ``regularization_loss``.
+        orthogonality_weight: weight of the penalty on off-diagonal ``D̂·D̂ᵀ`` (normalised atoms).
+    """
+
+    mode: str = "attention"
+    num_atoms: int = 256
+    shrinkage: str = "soft"
+    topk: int = 16
+    lambda_init: float = 1e-3
+    learn_lambda: bool = True
+    placement: str = "pre_out"
+    attention: str = "both"
+    target_modules: str | list[str] | None = None
+    layers: list[int] | None = None
+    fused: bool = True
+    init_scale: float = 1.0
+    sparsity_weight: float = 1e-3
+    orthogonality_weight: float = 1e-2
+    base_model_name_or_path: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``AtomtuneError`` naming the first setting out of range."""
+        _choice("mode", self.mode, MODES)
+        _choice("shrinkage", self.shrinkage, SHRINKAGES)
+        _choice("placement", self.placement, PLACEMENTS)
+        _choice("attention", self.attention, ATTENTION_KINDS)
+        if not isinstance(self.num_atoms, int) or self.num_atoms < 1:
+            raise AtomtuneError(f"num_atoms must be a positive integer, got {self.num_atoms!r}")
+        if self.shrinkage == "topk" and not (isinstance(self.topk, int) and 1 <= self.topk):
+            raise AtomtuneError(f"topk must be a positive integer, got {self.topk!r}")
+        if self.lambda_init < 0:
+            raise AtomtuneError(f"lambda_init must be >= 0, got {self.lambda_init}")
+        if self.mode == "linear" and self.target_modules is None:
+            raise AtomtuneError("linear mode needs target_modules (a regex on module names)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AtomConfig:
+        """Build from a dict, refusing unknown fields (a typo must not silently become a default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AtomtuneError(f"unknown AtomConfig field(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # pragma: no cover - dataclass signature errors
+            raise AtomtuneError(f"invalid AtomConfig: {exc}") from exc
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise AtomtuneError(f"{name} must be one of {', '.join(options)}; got {value!r}")

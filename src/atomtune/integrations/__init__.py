@@ -1,0 +1,1 @@
+"""Glue to host libraries (diffusers, transformers); the method itself lives one level up."""

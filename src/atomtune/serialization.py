@@ -1,0 +1,181 @@
+"""Save and load one adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Loading checks everything before it touches the model: the config's fields, the base model's
+class, each module's kind and shapes, every tensor's presence and shape. The first mismatch is
+named in the error. Files are written to a temporary name and renamed, so an interrupted save
+never leaves a half-written adapter behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import AtomConfig
+from .errors import AtomtuneError
+from .layer import AtomAttention
+
+if TYPE_CHECKING:
+    from .model import AtomModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+TENSORS = ("W_s", "D", "lam", "mask", "gain", "atom_ids")
+_TOP_LEVEL = {"format_version", "atomtune_version", "adapter_name", "config", "base_model", "modules"}
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, Any]:
+    cls = type(model)
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "name_or_path": name or None}
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, then rename onto ``path``: readers see the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(handle: AtomModel, directory: str | Path, adapter: str) -> Path:
+    if adapter not in handle.configs:
+        raise AtomtuneError(f"no adapter named {adapter!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    modules, tensors = {}, {}
+    layers = handle.layers()
+    for name, atoms in handle.atoms(adapter).items():
+        layer = layers[name]
+        modules[name] = {
+            "kind": layer.kind,
+            "in_features": layer.in_features,
+            "out_features": atoms.D.shape[1],
+            "num_atoms": atoms.num_atoms,
+            "heads": layer.heads,
+        }
+        for t in TENSORS:
+            tensors[f"{name}.{t}"] = getattr(atoms, t).detach().contiguous().cpu().clone()
+    config = handle.configs[adapter].to_dict()
+    identity = model_identity(handle.model)
+    config["base_model_name_or_path"] = config["base_model_name_or_path"] or identity["name_or_path"]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "atomtune_version": __version__,
+        "adapter_name": adapter,
+        "config": config,
+        "base_model": identity,
+        "modules": modules,
+    }
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """Read and check ``adapter_config.json``; the config inside is validated as an ``AtomConfig``."""
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AtomtuneError(f"adapter folder not found: {directory}")
+    if not path.is_file():
+        raise AtomtuneError(f"{path} is missing: not an atomtune adapter folder")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AtomtuneError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise AtomtuneError(f"{path} must hold a JSON object")
+    unknown = sorted(set(meta) - _TOP_LEVEL)
+    if unknown:
+        raise AtomtuneError(f"{path} has unknown field(s): {', '.join(unknown)}")
+    missing = sorted(_TOP_LEVEL - set(meta))
+    if missing:
+        raise AtomtuneError(f"{path} lacks field(s): {', '.join(missing)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise AtomtuneError(f"{path} has format_version {meta['format_version']}, this atomtune reads {FORMAT_VERSION}")
+    meta["config"] = AtomConfig.from_dict(meta["config"])
+    return meta
+
+
+def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise AtomtuneError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AtomtuneError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def load_adapter(handle: AtomModel, directory: str | Path, adapter_name: str) -> None:
+    from .model import find_targets
+
+    meta = read_adapter_config(directory)
+    config: AtomConfig = meta["config"]
+    identity = model_identity(handle.model)
+    if identity["class"].rsplit(".", 1)[-1] != meta["base_model"]["class"].rsplit(".", 1)[-1]:
+        raise AtomtuneError(
+            f"adapter was trained on {meta['base_model']['class']}, not on {identity['class']}"
+        )
+    saved: dict[str, dict] = meta["modules"]
+    targets = dict(find_targets(handle.model, config))
+    for name in saved:
+        if name not in targets:
+            raise AtomtuneError(f"the model has no adaptable module {name!r} that the adapter needs")
+    extra = [name for name in targets if name not in saved]
+    if extra:
+        raise AtomtuneError(f"the model has module {extra[0]!r} that the adapter's config selects but the file lacks")
+    tensors = read_adapter_tensors(directory)
+    for name, shape in saved.items():
+        _check_module(name, shape, targets[name], config)
+        for t in TENSORS:
+            key = f"{name}.{t}"
+            if key not in tensors:
+                raise AtomtuneError(f"{WEIGHTS_NAME} lacks tensor {key}")
+            expected = _expected_shape(t, shape)
+            if tuple(tensors[key].shape) != expected:
+                raise AtomtuneError(f"{key} has shape {tuple(tensors[key].shape)}, expected {expected}")
+    handle.add_adapter(adapter_name, config, num_atoms={n: s["num_atoms"] for n, s in saved.items()})
+    with torch.no_grad():
+        for name, atoms in handle.atoms(adapter_name).items():
+            for t in TENSORS:
+                getattr(atoms, t).copy_(tensors[f"{name}.{t}"])
+
+
+def _expected_shape(tensor: str, shape: dict) -> tuple[int, ...]:
+    m = shape["num_atoms"]
+    return {
+        "W_s": (shape["in_features"], m),
+        "D": (m, shape["out_features"]),
+    }.get(tensor, (m,))
+
+
+def _check_module(name: str, saved: dict, module: torch.nn.Module, config: AtomConfig) -> None:
+    from .integrations import diffusers as dx
+    from .integrations.transformers import linear_shape
+
+    if config.mode == "attention":
+        in_features, out_features, heads = dx.attention_shape(module, config.placement)
+        kind = AtomAttention.kind
+    else:
+        (in_features, out_features), heads, kind = linear_shape(module), 1, "linear"
+    actual = {"kind": kind, "in_features": in_features, "out_features": out_features, "heads": heads}
+    for key, value in actual.items():
+        if saved.get(key) != value:
+            raise AtomtuneError(f"module {name}: adapter has {key}={saved.get(key)}, model has {value}")
+    if saved["num_atoms"] % heads:
+        raise AtomtuneError(f"module {name}: {saved['num_atoms']} atoms do not split over {heads} heads")

@@ -1,0 +1,62 @@
+"""Tiny models built from configs in-process: for the self-check, the tests and quick experiments.
+
+No download, a second to build. The PixArt one is the real ``PixArtTransformer2DModel`` class with
+small sizes, so everything that works here runs the same code path as PixArt-α/Σ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_pixart(seed: int = 0, heads: int = 2, head_dim: int = 8, layers: int = 2, sample_size: int = 8):
+    """A small ``PixArtTransformer2DModel`` (self- and cross-attention in every block)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        cross_attention_dim=heads * head_dim,
+        sample_size=sample_size,
+        patch_size=2,
+        caption_channels=12,
+        norm_num_groups=1,
+    ).eval()
+
+
+def tiny_pixart_inputs(batch: int = 2, seed: int = 1, sample_size: int = 8, text_len: int = 5) -> dict:
+    """Keyword arguments for ``tiny_pixart``'s forward, with a padded caption in the first item."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, text_len, dtype=torch.long)
+    mask[0, text_len // 2 + 1 :] = 0
+    return {
+        "hidden_states": torch.randn(batch, 4, sample_size, sample_size, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text_len, 12, generator=g),
+        "timestep": torch.randint(0, 1000, (batch,), generator=g),
+        "encoder_attention_mask": mask,
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+
+
+def tiny_causal_lm(kind: str = "llama", seed: int = 0):
+    """A small transformers causal LM: ``"llama"`` (nn.Linear MLP) or ``"gpt2"`` (Conv1D MLP)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(config).eval()
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).eval()
