@@ -39,7 +39,9 @@ def _naive_adapted_attention(attn, x, context, bias, atoms, placement):
     c = context @ atoms.W_s
     values, coeffs = [], []
     for hd in range(heads):
-        scores = q[..., hd * d : (hd + 1) * d] @ k[..., hd * d : (hd + 1) * d].transpose(-1, -2) / math.sqrt(d)
+        scores = (
+            q[..., hd * d : (hd + 1) * d] @ k[..., hd * d : (hd + 1) * d].transpose(-1, -2) / math.sqrt(d)
+        )
         if bias is not None:
             scores = scores + bias
         a_h = scores.softmax(-1)  # (B, N, L): materialised on purpose

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_pixart
 
 from atomtune import AtomConfig, AtomModel, AtomtuneError
 from atomtune.tiny import tiny_causal_lm, tiny_pixart
+from conftest import run_pixart
 
 
 def _train_step(atom_model, loss_fn, lr=1e-2):
@@ -40,7 +40,10 @@ def test_pixart_identity_then_training_changes_output(pixart, pixart_inputs, con
 
 def test_module_selection(pixart):
     names = lambda cfg: sorted(AtomModel(tiny_pixart(), cfg).layers())  # noqa: E731
-    assert names(AtomConfig(num_atoms=2, attention="self")) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert names(AtomConfig(num_atoms=2, attention="self")) == [
+        "transformer_blocks.0.attn1",
+        "transformer_blocks.1.attn1",
+    ]
     assert names(AtomConfig(num_atoms=2, attention="cross", layers=[1])) == ["transformer_blocks.1.attn2"]
     assert names(AtomConfig(num_atoms=2, target_modules=r"blocks\.0\.")) == [
         "transformer_blocks.0.attn1",

@@ -31,7 +31,9 @@ def test_relu_threshold_zero_rate():
     s = relu_threshold(z, lam)
     assert (s >= 0).all()
     rate = (s == 0).double().mean(0)
-    expected = torch.tensor([0.5 * (1 + math.erf(x / math.sqrt(2))) for x in lam.tolist()], dtype=torch.float64)
+    expected = torch.tensor(
+        [0.5 * (1 + math.erf(x / math.sqrt(2))) for x in lam.tolist()], dtype=torch.float64
+    )
     assert torch.allclose(rate, expected, atol=5e-3)
 
 

@@ -74,7 +74,7 @@ class AtomConfig:
         _choice("attention", self.attention, ATTENTION_KINDS)
         if not isinstance(self.num_atoms, int) or self.num_atoms < 1:
             raise AtomtuneError(f"num_atoms must be a positive integer, got {self.num_atoms!r}")
-        if self.shrinkage == "topk" and not (isinstance(self.topk, int) and 1 <= self.topk):
+        if self.shrinkage == "topk" and not (isinstance(self.topk, int) and self.topk >= 1):
             raise AtomtuneError(f"topk must be a positive integer, got {self.topk!r}")
         if self.lambda_init < 0:
             raise AtomtuneError(f"lambda_init must be >= 0, got {self.lambda_init}")

@@ -85,7 +85,12 @@ class AtomLayer(nn.Module):
         self.last_sparsity: torch.Tensor | None = None
 
     def add_adapter(
-        self, name: str, config: AtomConfig, out_features: int, like: torch.Tensor, num_atoms: int | None = None
+        self,
+        name: str,
+        config: AtomConfig,
+        out_features: int,
+        like: torch.Tensor,
+        num_atoms: int | None = None,
     ) -> Atoms:
         """Add ``Atoms`` on ``like``'s device. Adapters train in float32 even on a half-precision host
         (PEFT's choice too); a float64 host keeps float64 so exactness tests can hold it to 1e-10."""

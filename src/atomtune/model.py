@@ -18,8 +18,8 @@ from .config import AtomConfig
 from .errors import AtomtuneError
 from .integrations import diffusers as dx
 from .integrations.transformers import linear_shape
-from .losses import orthogonality
 from .layer import AtomAttention, AtomLayer, AtomLinear, Atoms
+from .losses import orthogonality
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -90,9 +90,7 @@ class AtomModel:
             self.add_adapter(adapter_name, config)
 
     # -- adapters -------------------------------------------------------------------------------
-    def add_adapter(
-        self, name: str, config: AtomConfig, num_atoms: dict[str, int] | None = None
-    ) -> None:
+    def add_adapter(self, name: str, config: AtomConfig, num_atoms: dict[str, int] | None = None) -> None:
         """Add and activate adapter ``name``; ``num_atoms`` overrides M per module (pruned adapters)."""
         if name in self.configs:
             raise AtomtuneError(f"adapter {name!r} exists already")
@@ -133,7 +131,9 @@ class AtomModel:
             layer.active_adapter = name if name in layer.adapters else None
             for adapter_name, atoms in layer.adapters.items():
                 for pname, p in atoms.named_parameters():
-                    learn = adapter_name == name and (pname != "lam" or self.configs[adapter_name].learn_lambda)
+                    learn = adapter_name == name and (
+                        pname != "lam" or self.configs[adapter_name].learn_lambda
+                    )
                     p.requires_grad_(learn)
         self.active_adapter = name
 
@@ -162,7 +162,7 @@ class AtomModel:
 
     def unload(self) -> nn.Module:
         """Remove every adapter and return the bare model, with its parameters' trainability restored."""
-        for name, module in list(self.model.named_modules()):
+        for module in list(self.model.modules()):
             layer = getattr(module, "atoms", None)
             if not isinstance(layer, AtomLayer):
                 continue
@@ -189,7 +189,11 @@ class AtomModel:
     def atoms(self, adapter: str | None = None) -> dict[str, Atoms]:
         """Each module's ``Atoms`` of ``adapter`` (default: the active one)."""
         adapter = adapter or self.active_adapter
-        return {name: layer.adapters[adapter] for name, layer in self.layers().items() if adapter in layer.adapters}
+        return {
+            name: layer.adapters[adapter]
+            for name, layer in self.layers().items()
+            if adapter in layer.adapters
+        }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for atoms in self.atoms().values() for p in atoms.parameters() if p.requires_grad]
@@ -219,7 +223,9 @@ class AtomModel:
         """``sparsity_weight·L1(S) + orthogonality_weight·‖offdiag(D̂D̂ᵀ)‖²``; call once after each forward."""
         config = self.configs[self.active_adapter]
         terms = self.regularization_terms()
-        return config.sparsity_weight * terms["sparsity"] + config.orthogonality_weight * terms["orthogonality"]
+        return (
+            config.sparsity_weight * terms["sparsity"] + config.orthogonality_weight * terms["orthogonality"]
+        )
 
     # -- steering -------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, torch.Tensor], adapter: str | None = None) -> None:
@@ -227,7 +233,9 @@ class AtomModel:
         for name, atoms in self._atoms_named(masks, adapter).items():
             atoms.mask.copy_(_per_atom(masks[name], atoms, name, "mask").float())
 
-    def set_gains(self, gains: dict[str, torch.Tensor | dict[int, float]], adapter: str | None = None) -> None:
+    def set_gains(
+        self, gains: dict[str, torch.Tensor | dict[int, float]], adapter: str | None = None
+    ) -> None:
         """Scale atoms per module: a full tensor (M,), or ``{atom_id: gain}`` for single atoms."""
         for name, atoms in self._atoms_named(gains, adapter).items():
             value = gains[name]
@@ -287,7 +295,9 @@ class AtomModel:
 def _per_atom(value: torch.Tensor, atoms: Atoms, name: str, what: str) -> torch.Tensor:
     value = torch.as_tensor(value, dtype=atoms.gain.dtype, device=atoms.gain.device)
     if value.shape != (atoms.num_atoms,):
-        raise AtomtuneError(f"{what} for {name} has shape {tuple(value.shape)}, expected ({atoms.num_atoms},)")
+        raise AtomtuneError(
+            f"{what} for {name} has shape {tuple(value.shape)}, expected ({atoms.num_atoms},)"
+        )
     return value
 
 

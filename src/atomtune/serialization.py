@@ -106,7 +106,9 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     if missing:
         raise AtomtuneError(f"{path} lacks field(s): {', '.join(missing)}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise AtomtuneError(f"{path} has format_version {meta['format_version']}, this atomtune reads {FORMAT_VERSION}")
+        raise AtomtuneError(
+            f"{path} has format_version {meta['format_version']}, this atomtune reads {FORMAT_VERSION}"
+        )
     meta["config"] = AtomConfig.from_dict(meta["config"])
     return meta
 
@@ -138,7 +140,9 @@ def load_adapter(handle: AtomModel, directory: str | Path, adapter_name: str) ->
             raise AtomtuneError(f"the model has no adaptable module {name!r} that the adapter needs")
     extra = [name for name in targets if name not in saved]
     if extra:
-        raise AtomtuneError(f"the model has module {extra[0]!r} that the adapter's config selects but the file lacks")
+        raise AtomtuneError(
+            f"the model has module {extra[0]!r} that the adapter's config selects but the file lacks"
+        )
     tensors = read_adapter_tensors(directory)
     for name, shape in saved.items():
         _check_module(name, shape, targets[name], config)

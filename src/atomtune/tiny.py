@@ -48,7 +48,9 @@ def tiny_causal_lm(kind: str = "llama", seed: int = 0):
 
     torch.manual_seed(seed)
     if kind == "gpt2":
-        config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+        )
         return GPT2LMHeadModel(config).eval()
     config = LlamaConfig(
         vocab_size=64,

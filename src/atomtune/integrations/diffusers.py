@@ -107,7 +107,9 @@ class AtomAttnProcessor:
             key = attn.norm_k(key)
 
         if atoms is None:
-            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask
+            )
             delta = None
         else:
             channels = layer.channels(atoms, context)
@@ -126,4 +128,3 @@ class AtomAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
-
