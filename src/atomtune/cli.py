@@ -1,0 +1,85 @@
+"""``atomtune`` command line. Every user error ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import AtomtuneError
+
+
+def _selfcheck(args: argparse.Namespace) -> None:
+    from .selfcheck import run_selfcheck, summary
+
+    result = run_selfcheck(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    print(summary(result))
+    print(f"wrote {Path(args.out) / 'selfcheck.json'} and the adapter in {Path(args.out) / 'adapter'}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .serialization import read_adapter_config, read_adapter_tensors
+
+    meta = read_adapter_config(args.adapter)
+    tensors = read_adapter_tensors(args.adapter)
+    config = meta["config"]
+    print(
+        f"adapter {meta['adapter_name']!r} for {meta['base_model']['class']} "
+        f"({meta['base_model']['name_or_path'] or 'no name recorded'}), atomtune {meta['atomtune_version']}"
+    )
+    print(
+        f"mode={config.mode} shrinkage={config.shrinkage} placement={config.placement} "
+        f"attention={config.attention}"
+    )
+    kept = 0
+    for name, shape in meta["modules"].items():
+        active = int((tensors[f"{name}.mask"] != 0).sum())
+        kept += active
+        print(
+            f"  {name}: {shape['num_atoms']} atoms ({active} unmasked), "
+            f"{shape['in_features']} -> {shape['out_features']}, heads={shape['heads']}"
+        )
+    print(
+        f"{len(meta['modules'])} modules, {kept} unmasked atoms, "
+        f"{sum(t.numel() for t in tensors.values())} stored values"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atomtune", description="Sparse fine-tuning of transformers with feature-dictionary atoms."
+    )
+    parser.add_argument("--version", action="version", version=f"atomtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("selfcheck", help="fine-tune a tiny PixArt transformer with atoms and report")
+    p.add_argument("--out", default="atomtune-selfcheck", help="output folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_selfcheck)
+
+    p = sub.add_parser("inspect", help="print an adapter folder's config and per-module atoms")
+    p.add_argument("adapter", help="folder with adapter_config.json and adapter_model.safetensors")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except AtomtuneError as exc:
+        print(f"atomtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("atomtune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
