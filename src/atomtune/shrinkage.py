@@ -12,8 +12,11 @@ SHRINKAGES = ("soft", "relu", "topk")
 
 
 def soft_threshold(z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``sign(z)·max(|z| − λ, 0)``: the proximal map of the L1 norm (ISTA's step)."""
-    return torch.sign(z) * torch.relu(z.abs() - lam)
+    """``sign(z)·max(|z| − λ, 0)``: the proximal map of the L1 norm (ISTA's step).
+
+    Computed as ``z − clamp(z, −λ, λ)``, the same numbers in two kernels instead of four.
+    """
+    return z - torch.clamp(z, -lam, lam)
 
 
 def relu_threshold(z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,9 @@ class DigitPipeline:
 
         self.transformer = transformer
         self.encoder = encoder or CaptionEncoder()
-        self.scheduler = DPMSolverMultistepScheduler(**SCHEDULER)
+        # thresholding keeps the predicted x0 in range: at the cosine schedule's last steps
+        # alpha is tiny and an unclipped x0 estimate explodes into noise
+        self.scheduler = DPMSolverMultistepScheduler(**SCHEDULER, thresholding=True, sample_max_value=1.0)
 
     @torch.no_grad()
     def __call__(

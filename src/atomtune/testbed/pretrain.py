@@ -26,9 +26,9 @@ from .text import CaptionEncoder
 
 @dataclass
 class PretrainSettings:
-    steps: int = 4000
+    steps: int = 5000
     batch: int = 64
-    lr: float = 3e-4
+    lr: float = 6e-4
     warmup: int = 200
     holdout_digit: int = 9
     caption_dropout: float = 0.1
@@ -102,9 +102,10 @@ def pretrain(settings: PretrainSettings, out_dir: str | Path, progress: bool = T
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        decay = min(settings.ema, (1 + step) / (10 + step))  # warm-up: early EMA forgets the init
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - settings.ema)
+                pe.lerp_(pm, 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if done % settings.checkpoint_every == 0 or done == settings.steps:
