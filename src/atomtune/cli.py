@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print an adapter folder's config and per-module atoms")
     p.add_argument("adapter", help="folder with adapter_config.json and adapter_model.safetensors")
     p.set_defaults(func=_inspect)
+
+    from .diffusion.commands import register as register_diffusion
+
+    register_diffusion(sub)  # train, generate, atoms, edit, merge, tiny-pipeline
+    from .evaluation.cli import add_eval_subcommands
+
+    add_eval_subcommands(sub)  # eval, benchmark-dreambooth
     return parser
 
 

@@ -55,6 +55,17 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Parse a JSON file, or raise ``AtomtuneError`` saying which file is missing or broken."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AtomtuneError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AtomtuneError(f"{path} is not valid JSON: {exc}") from exc
+
+
 def save_adapter(handle: AtomModel, directory: str | Path, adapter: str) -> Path:
     if adapter not in handle.configs:
         raise AtomtuneError(f"no adapter named {adapter!r}")
@@ -96,10 +107,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise AtomtuneError(f"adapter folder not found: {directory}")
     if not path.is_file():
         raise AtomtuneError(f"{path} is missing: not an atomtune adapter folder")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AtomtuneError(f"{path} is not valid JSON: {exc}") from exc
+    meta = read_json(path)
     if not isinstance(meta, dict):
         raise AtomtuneError(f"{path} must hold a JSON object")
     unknown = sorted(set(meta) - _TOP_LEVEL)

@@ -1,0 +1,109 @@
+"""Instance images and prompts: read a folder of images into tensors, check prompts and tokens.
+
+Every problem a user can cause (a missing or empty folder, files that are not images, a prompt
+without the unique token) ends in an ``AtomtuneError`` that names the file or the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import AtomtuneError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def list_images(source: str | Path, what: str = "instance images") -> list[Path]:
+    """The image files of a folder (sorted), or a single image file; an error if there are none."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise AtomtuneError(f"{path} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
+        return [path]
+    if not path.is_dir():
+        raise AtomtuneError(f"{what}: folder not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        found = "it is empty" if not files else f"it holds {len(files)} file(s), none an image"
+        raise AtomtuneError(f"{what}: no images in {path} ({found}; looked for {', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def open_image(path: Path):
+    """The image at ``path`` as RGB; a clear error when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise AtomtuneError(f"{path} is not a readable image ({exc.__class__.__name__})") from exc
+
+
+def square_crop(img, resolution: int):
+    """Resize the shorter side to ``resolution`` and crop the centre square."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(img) -> torch.Tensor:
+    """RGB PIL image → (3, H, W) float tensor in [-1, 1]."""
+    import numpy as np
+
+    array = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+    return array.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def load_images(source: str | Path, resolution: int, what: str = "instance images") -> torch.Tensor:
+    """All images of a folder (or one file), square-cropped to ``resolution``: (N, 3, R, R) in [-1, 1]."""
+    paths = list_images(source, what)
+    return torch.stack([to_tensor(square_crop(open_image(p), resolution)) for p in paths])
+
+
+def has_token(prompt: str, token: str) -> bool:
+    """Whether ``token`` occurs in ``prompt`` as a word of its own ("a sks dog", not "asks")."""
+    return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", prompt) is not None
+
+
+def check_prompts(instance_prompt: str, token: str | None, class_prompt: str | None = None) -> None:
+    """The instance prompt must name the unique token; the class prompt must not."""
+    if not instance_prompt or not instance_prompt.strip():
+        raise AtomtuneError("the instance prompt is empty (e.g. --instance-prompt 'a sks dog')")
+    if token is None:
+        return
+    if not token.strip() or re.search(r"\s", token):
+        raise AtomtuneError(f"the unique token must be one word, got {token!r}")
+    if not has_token(instance_prompt, token):
+        raise AtomtuneError(
+            f"the instance prompt {instance_prompt!r} does not contain the unique token {token!r} "
+            f"(e.g. 'a {token} dog'; use --token to name another token)"
+        )
+    if class_prompt is not None and has_token(class_prompt, token):
+        raise AtomtuneError(
+            f"the class prompt {class_prompt!r} contains the unique token {token!r}; it must describe "
+            f"the class only (e.g. 'a dog') for prior preservation to work"
+        )
+
+
+def read_prompts(prompts: list[str] | None = None, prompts_file: str | Path | None = None) -> list[str]:
+    """Prompts from flags and/or a file (one per line; blank lines and ``#`` comments skipped)."""
+    result = [p for p in (prompts or []) if p.strip()]
+    if prompts_file is not None:
+        path = Path(prompts_file).expanduser()
+        if not path.is_file():
+            raise AtomtuneError(f"prompts file not found: {path}")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                result.append(line)
+    return result

@@ -1,0 +1,238 @@
+"""``atomtune generate``: images from a pipeline with one or more adapters, atom masks and gains.
+
+Images are named ``p{prompt:02d}-s{seed}.png``; ``grid.png`` has one row per prompt and one column
+per seed; ``images.json`` lists prompts, seeds, files and the adapters and steering used.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import AtomtuneError
+from ..evaluation.manifest import ImageRecord, write_manifest
+from ..merge import MERGES
+from ..selection import top_k_masks
+from ..serialization import read_json
+from .images import grid, save_json, save_png
+from .methods import AtomTuned, Tuned, load_adapters
+from .pipeline import PixArtSpec, load_pipeline, pipeline_name, spec_for
+
+_GAIN = re.compile(r"^(?P<module>[\w.]+):(?P<atom>-?\d+)=(?P<gain>[-+0-9.eE]+)$")
+
+
+@dataclass
+class GenerateResult:
+    out_dir: Path
+    images: list[Path]
+    grid: Path
+    prompts: list[str]
+    seeds: list[int]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_pipe(pretrained, dtype="auto", variant=None, device=None, local_files_only=False):
+    """A pipeline object as given, or loaded from a name/folder."""
+    if isinstance(pretrained, str):
+        return load_pipeline(pretrained, dtype, variant, device, local_files_only)
+    spec_for(pretrained)
+    pretrained.set_progress_bar_config(disable=True)
+    return pretrained
+
+
+def parse_gains(specs: list[str] | dict | None) -> dict[str, dict[int, float]]:
+    """``["transformer_blocks.1.attn2:3=2.0", ...]`` → ``{"transformer_blocks.1.attn2": {3: 2.0}}``."""
+    if specs is None:
+        return {}
+    if isinstance(specs, dict):
+        return specs
+    gains: dict[str, dict[int, float]] = {}
+    for spec in specs:
+        match = _GAIN.match(spec.strip())
+        if match is None:
+            raise AtomtuneError(
+                f"gain {spec!r} is not MODULE:ATOM=GAIN (e.g. transformer_blocks.1.attn2:3=2.0)"
+            )
+        try:
+            value = float(match["gain"])
+        except ValueError as exc:
+            raise AtomtuneError(f"gain {spec!r}: {match['gain']!r} is not a number") from exc
+        gains.setdefault(match["module"], {})[int(match["atom"])] = value
+    return gains
+
+
+def read_masks(source: str | Path | dict | None) -> dict[str, torch.Tensor] | None:
+    """Masks from a JSON file ``{module: [0/1 per atom]}`` (or such a dict)."""
+    if source is None:
+        return None
+    data = source if isinstance(source, dict) else read_json(source, "masks file")
+    if not isinstance(data, dict):
+        raise AtomtuneError("masks must map module names to lists of 0/1 per atom")
+    return {name: torch.as_tensor(value, dtype=torch.float32) for name, value in data.items()}
+
+
+def masks_from_rankings(rankings: str | Path | dict, tuned: AtomTuned, k: int) -> dict[str, torch.Tensor]:
+    """Keep each module's ``k`` highest-ranked atoms of a rankings file written by ``atomtune atoms``."""
+    from .analysis import read_rankings
+
+    modules = read_rankings(rankings)["modules"]
+    atoms = tuned.handle.atoms()
+    missing = sorted(set(atoms) - set(modules))
+    if missing:
+        raise AtomtuneError(f"the rankings have no entry for module {missing[0]} of this adapter")
+    masks = {}
+    for name, atoms_m in atoms.items():
+        keep = set(modules[name]["atom_ids"][:k])
+        masks[name] = torch.tensor([float(int(i) in keep) for i in atoms_m.atom_ids.tolist()])
+    return masks
+
+
+def apply_steering(
+    tuned: Tuned,
+    masks: dict[str, torch.Tensor] | None = None,
+    gains: dict[str, dict[int, float]] | None = None,
+    top_k: int | None = None,
+    rankings: str | Path | dict | None = None,
+) -> dict[str, Any]:
+    """Set atom masks (explicit, or the top-k by rankings / by weight importance) and gains."""
+    if masks is None and not gains and top_k is None:
+        return {}
+    if not isinstance(tuned, AtomTuned):
+        raise AtomtuneError(f"atom masks, top-k and gains need an atoms adapter, not {tuned.method}")
+    used: dict[str, Any] = {}
+    if top_k is not None:
+        if masks is not None:
+            raise AtomtuneError("give either masks or top-k, not both")
+        if top_k < 0:
+            raise AtomtuneError(f"top-k must be >= 0, got {top_k}")
+        if rankings is not None:
+            masks = masks_from_rankings(rankings, tuned, top_k)
+            used["importance"] = "rankings"
+        else:
+            from ..stats import weight_importance
+
+            masks = top_k_masks(weight_importance(tuned.handle), top_k)
+            used["importance"] = "weights (no rankings given)"
+        used["top_k"] = top_k
+    if masks is not None:
+        tuned.handle.set_masks(masks)
+        used["kept_atoms"] = int(sum(float((m != 0).sum()) for m in masks.values()))
+    if gains:
+        tuned.handle.set_gains(gains)
+        used["gains"] = {m: {str(a): g for a, g in v.items()} for m, v in gains.items()}
+    return used
+
+
+def render(
+    spec: PixArtSpec,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    height: int,
+    width: int,
+    progress: bool = False,
+    desc: str = "generate",
+) -> list[list[Any]]:
+    """Images for every prompt (rows) and seed (columns)."""
+    spec.check_resolution(height, width)
+    encoded, negative = spec.encode_prompts(prompts), spec.encode_prompts([""])
+    rows = []
+    bar = tqdm(total=len(prompts) * len(seeds), desc=desc, disable=not progress)
+    for i in range(len(prompts)):
+        row = []
+        for seed in seeds:
+            row.append(
+                spec.generate(encoded.select([i]), negative, seed, steps, guidance_scale, height, width)
+            )
+            bar.update(1)
+        rows.append(row)
+    bar.close()
+    return rows
+
+
+def generate(
+    pretrained,
+    prompts: list[str],
+    out_dir: str | Path,
+    adapters: list[str | Path] | None = None,
+    num_images: int = 1,
+    seed: int = 0,
+    seeds: list[int] | None = None,
+    steps: int = 20,
+    guidance_scale: float = 4.5,
+    height: int | None = None,
+    width: int | None = None,
+    masks: str | Path | dict | None = None,
+    top_k: int | None = None,
+    rankings: str | Path | dict | None = None,
+    gains: list[str] | dict | None = None,
+    combine: str = "concat",
+    subject: str | None = None,
+    token: str = "sks",
+    dtype: str = "auto",
+    variant: str | None = None,
+    device: str | None = None,
+    local_files_only: bool = False,
+    progress: bool = True,
+) -> GenerateResult:
+    """Generate ``num_images`` per prompt (seeds ``seed, seed+1, ...`` unless ``seeds``), write a grid.
+
+    Besides ``images.json`` the folder gets the ``manifest.json`` that ``atomtune eval`` reads:
+    ``subject`` (default: the output folder's name) and the unique ``token`` to strip from prompts.
+    """
+    if not prompts:
+        raise AtomtuneError("no prompt given (--prompt or --prompts-file)")
+    if num_images < 1:
+        raise AtomtuneError(f"num-images must be >= 1, got {num_images}")
+    if combine not in MERGES:
+        raise AtomtuneError(f"combine must be one of {', '.join(MERGES)}; got {combine!r}")
+    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
+    gains = parse_gains(gains)
+    mask_values = read_masks(masks)
+    pipe = resolve_pipe(pretrained, dtype, variant, device, local_files_only)
+    spec = spec_for(pipe)
+    height = height or spec.native_resolution
+    width = width or height
+    spec.check_resolution(height, width)
+    tuned = None
+    if adapters:
+        tuned = load_adapters(pipe.transformer, list(adapters), pipeline_name(pipe), combine)
+    elif mask_values is not None or gains or top_k is not None:
+        raise AtomtuneError("masks, top-k and gains need an --adapter")
+    try:
+        steering = apply_steering(tuned, mask_values, gains, top_k, rankings) if tuned else {}
+        rows = render(spec, prompts, seeds, steps, guidance_scale, height, width, progress)
+    finally:
+        if tuned is not None:
+            tuned.unload()  # a pipeline passed in comes back as it was
+    out = Path(out_dir).expanduser()
+    files, records = [], []
+    method = tuned.method if tuned is not None else "base"
+    adapter = ",".join(str(a) for a in adapters) if adapters else None
+    for i, row in enumerate(rows):
+        for s, image in zip(seeds, row, strict=True):
+            files.append(save_png(image, out / f"p{i:02d}-s{s}.png"))
+            records.append(ImageRecord(files[-1].name, subject or out.name, prompts[i], s, method, adapter))
+    grid_path = save_png(grid(rows, [f"seed {s}" for s in seeds]), out / "grid.png")
+    metadata = {
+        "base_model": pipeline_name(pipe),
+        "adapters": [str(a) for a in adapters or []],
+        "combine": combine if adapters and len(adapters) > 1 else None,
+        "prompts": prompts,
+        "seeds": seeds,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "size": [height, width],
+        "steering": steering,
+        "images": [p.name for p in files],
+        "grid": grid_path.name,
+    }
+    save_json(metadata, out / "images.json")
+    write_manifest(out, records, {"unique_token": token, "base_model": metadata["base_model"]})
+    return GenerateResult(out, files, grid_path, prompts, seeds, metadata)

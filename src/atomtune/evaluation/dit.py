@@ -1,0 +1,253 @@
+"""The benchmark's default ``train_and_generate``: atomtune's DiT workflow (PixArt) for one subject.
+
+For a ``BenchmarkJob``: load the pipeline, fine-tune it on the subject's images with the job's
+method (``atoms``, ``lora``, ``dora``, ``oft``: ``atomtune.diffusion.trainer.train``; ``base``
+skips training and scores the pretrained model), then generate every evaluation prompt × seed with
+the adapter active and write the images and ``manifest.json`` into ``job.images_dir``. A trained
+adapter left by an interrupted run (``OUT/runs/METHOD/SUBJECT/train/adapter``) is loaded instead of
+training again.
+
+Under ``accelerate launch`` with several processes, each job runs in a child Python process that
+sees only this process's GPU and no distributed environment: the trainer's own ``Accelerator``
+would otherwise join all processes into one data-parallel run, mixing the gradients of different
+subjects. Every job thus trains exactly as it would on one GPU, and results do not depend on the
+number of GPUs.
+
+The ``atomtune.diffusion`` modules are imported when a job runs, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import AtomtuneError
+from ..serialization import atomic_write
+from .manifest import ImageRecord, default_image_path, write_manifest
+from .runner import BenchmarkJob
+
+#: generation options (``--generate-arg KEY=VALUE``) and their defaults
+GENERATE_DEFAULTS: dict[str, Any] = {
+    "steps": 20,
+    "guidance_scale": 4.5,
+    "resolution": None,
+    "negative_prompt": "",
+}
+#: environment variables of a distributed launch, removed for the child process
+_DISTRIBUTED_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+)
+
+
+def dit_train_and_generate(
+    job: BenchmarkJob,
+    pretrained: str | None = None,
+    train_options: Mapping[str, Any] | None = None,
+    generate_options: Mapping[str, Any] | None = None,
+    prior_preservation: bool = False,
+    isolate: bool | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train ``job.method`` on ``job.subject`` and generate its prompts × seeds into ``job.images_dir``.
+
+    ``train_options``: further ``TrainSettings`` fields (``max_steps``, ``learning_rate``,
+    ``mixed_precision``, ``num_atoms`` ...); ``generate_options``: ``GENERATE_DEFAULTS``' keys.
+    ``prior_preservation``: train with the class prompt ("a photo of dog") and class images of the
+    base model, as DreamBooth does. ``isolate`` (default: when several processes run) runs the job in
+    a child process pinned to this process's GPU.
+    """
+    gen = _generate_options(generate_options)
+    spec = {
+        "job": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()},
+        "pretrained": pretrained,
+        "train_options": dict(train_options or {}),
+        "generate_options": gen,
+        "prior_preservation": prior_preservation,
+        "progress": progress,
+    }
+    spec["job"]["instance_images"] = [str(p) for p in job.instance_images]
+    if isolate is None:
+        from accelerate import PartialState
+
+        isolate = PartialState().num_processes > 1
+    if isolate:
+        return _run_child(job, spec)
+    return _run(spec)
+
+
+def _generate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(GENERATE_DEFAULTS))
+    if unknown:
+        raise AtomtuneError(
+            f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(GENERATE_DEFAULTS)})"
+        )
+    return {**GENERATE_DEFAULTS, **options}
+
+
+def _job_from(spec: Mapping[str, Any]) -> BenchmarkJob:
+    data = dict(spec["job"])
+    data["instance_images"] = tuple(Path(p) for p in data["instance_images"])
+    data["out_dir"] = Path(data["out_dir"])
+    for key in ("prompts", "seeds"):
+        data[key] = tuple(data[key])
+    return BenchmarkJob(**data)
+
+
+def _run(spec: Mapping[str, Any]) -> Path:
+    from ..diffusion.pipeline import DEFAULT_PRETRAINED, load_pipeline, pipeline_name, spec_for
+
+    job = _job_from(spec)
+    gen = spec["generate_options"]
+    options = dict(spec["train_options"])
+    pretrained = spec["pretrained"] or options.pop("pretrained", None) or DEFAULT_PRETRAINED
+    train_dir = job.out_dir / "train"
+    adapter_dir = train_dir / "adapter"
+    settings = None
+    if job.method != "base":
+        from ..diffusion.trainer import TrainSettings
+
+        values = {
+            "instance_data": str(job.instance_images[0].parent),
+            "instance_prompt": job.instance_prompt,
+            "output_dir": str(train_dir),
+            "pretrained": pretrained,
+            "token": job.token,
+            "method": job.method,
+            "seed": job.seeds[0],
+            **options,
+        }
+        if spec["prior_preservation"]:
+            values.setdefault("class_prompt", job.class_prompt)
+        settings = TrainSettings.build(**values)
+
+    dtype = options.get("dtype", "auto")  # base: only the loading options (dtype, variant, ...) apply
+    if settings is not None:  # the trainer's rule: weights in the mixed-precision dtype unless told
+        precision = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[settings.mixed_precision]
+        dtype = precision if settings.dtype == "auto" else settings.dtype
+    local = bool(options.get("local_files_only", False))
+    pipe = load_pipeline(pretrained, dtype, options.get("variant"), job.device, local)
+    if settings is not None:
+        if (adapter_dir / "training.json").is_file():
+            from ..diffusion.methods import load_adapters
+
+            load_adapters(pipe.transformer, [adapter_dir], pipeline_name(pipe))
+        else:
+            from ..diffusion.trainer import train
+
+            train(settings, pipe=pipe, progress=spec["progress"])
+    pipe.transformer.eval()
+    model = spec_for(pipe)
+    resolution = gen["resolution"] or (settings.resolution if settings else None) or model.native_resolution
+    model.check_resolution(resolution)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    encoded = model.encode_prompts(list(job.prompts))
+    negative = model.encode_prompts([gen["negative_prompt"]])
+    records = []
+    total = len(job.prompts) * len(job.seeds)
+    bar = tqdm(
+        total=total, desc=f"generate {job.subject}/{job.method}", disable=not spec["progress"], leave=False
+    )
+    with torch.no_grad():
+        for i, prompt in enumerate(job.prompts):
+            for seed in job.seeds:
+                image = model.generate(
+                    encoded.select([i]),
+                    negative,
+                    seed,
+                    gen["steps"],
+                    gen["guidance_scale"],
+                    resolution,
+                    resolution,
+                )
+                rel = default_image_path(job.method, job.subject, i, prompt, seed)
+                path = job.images_dir / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda p, image=image: image.save(p, format="PNG"))
+                adapter = str(adapter_dir) if settings is not None else None
+                records.append(ImageRecord(rel, job.subject, prompt, seed, job.method, adapter))
+                bar.update(1)
+    bar.close()
+    metadata = {
+        "unique_token": job.token,
+        "pretrained": pipeline_name(pipe),
+        "method": job.method,
+        "resolution": resolution,
+        "generate": gen,
+        "train": settings.to_dict() if settings is not None else None,
+    }
+    write_manifest(job.images_dir, records, metadata)
+    return job.images_dir
+
+
+def child_env(environ: Mapping[str, str], gpu_index: int | None) -> dict[str, str]:
+    """``environ`` without a distributed launch's variables, with only GPU ``gpu_index`` visible
+    (an index into the parent's ``CUDA_VISIBLE_DEVICES`` when that is set)."""
+    env = {
+        k: v
+        for k, v in environ.items()
+        if k not in _DISTRIBUTED_ENV and not k.startswith(("TORCHELASTIC_", "ACCELERATE_", "TORCH_NCCL_"))
+    }
+    if gpu_index is not None:
+        visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[gpu_index] if gpu_index < len(visible) else str(gpu_index)
+    return env
+
+
+def _run_child(job: BenchmarkJob, spec: dict[str, Any]) -> Path:
+    from accelerate import PartialState
+
+    state = PartialState()
+    gpu = state.local_process_index if state.device.type == "cuda" else None
+    if gpu is not None:
+        spec["job"]["device"] = "cuda"
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = job.out_dir / "job.json"
+    atomic_write(spec_path, lambda p: p.write_text(json.dumps(spec, indent=2) + "\n"))
+    done = subprocess.run(
+        [sys.executable, "-m", "atomtune.evaluation.dit", str(spec_path)], env=child_env(os.environ, gpu)
+    )
+    if done.returncode:
+        raise AtomtuneError(
+            f"training/generation of {job.subject}/{job.method} failed in its worker process "
+            f"(exit code {done.returncode}; its messages are above)"
+        )
+    return job.images_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m atomtune.evaluation.dit JOB.json``: one job in a process of its own."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m atomtune.evaluation.dit JOB.json", file=sys.stderr)
+        return 2
+    try:
+        _run(json.loads(Path(argv[0]).read_text()))
+    except AtomtuneError as exc:
+        print(f"atomtune: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""One trainer for all four methods, on the tiny PixArt pipeline with DreamBooth images (downscaled):
+what it writes, exact resume from a checkpoint, gradient checkpointing, mixed precision."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from atomtune.diffusion.methods import METHODS, load_adapters
+from atomtune.diffusion.pipeline import tiny_pixart_pipeline
+from atomtune.diffusion.trainer import TrainSettings, train
+from atomtune.errors import AtomtuneError
+from diffusion_helpers import dreambooth_images, one_thread
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def dog_images(tmp_path_factory):
+    return dreambooth_images(tmp_path_factory.mktemp("data") / "dog", "dog", 4)
+
+
+def _settings(images, out, **changes):
+    base = {
+        "instance_data": str(images),
+        "instance_prompt": "a sks dog",
+        "output_dir": str(out),
+        "pretrained": "tiny",
+        "num_atoms": 8,
+        "max_steps": 2,
+        "sample_steps": 2,
+    }
+    return TrainSettings(**{**base, **changes})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_and_writes_adapter_card_samples_checkpoints(method, dog_images, tmp_path):
+    settings = _settings(
+        dog_images,
+        tmp_path,
+        method=method,
+        class_prompt="a dog",
+        num_class_images=2,
+        sample_every=2,
+        checkpoint_every=2,
+        learning_rate=1e-2,
+    )
+    result = train(settings, progress=False)
+    assert [h["step"] for h in result.history] == [1, 2]
+    assert all(math.isfinite(h["total"]) and "prior" in h for h in result.history)
+    assert ("sparsity" in result.history[0]) == (method == "atoms")
+    adapter = result.adapter_dir
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "atomtune.json",
+        "training.json",
+        "README.md",
+    ):
+        assert (adapter / name).is_file(), name
+    card = (adapter / "README.md").read_text()
+    assert "tiny" in card and "a sks dog" in card and "CAME, lr 0.01" in card and "prior preservation" in card
+    record = json.loads((adapter / "training.json").read_text())
+    assert record["method"] == method and record["instance_images"] == 4 and record["class_images"] == 2
+    from PIL import Image
+
+    assert [Image.open(p).size for p in result.class_images] == [(32, 32)] * 2
+    assert len(result.samples) == 1 and Image.open(result.samples[0]).size[1] >= 32
+    ckpt = result.checkpoints[0]
+    assert {p.name for p in ckpt.iterdir()} == {"adapter", "trainer_state.json", "state.safetensors"}
+    # the adapter changed the model, and a fresh pipeline loads it
+    pipe = tiny_pixart_pipeline()
+    inputs = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 12)
+    kwargs = {
+        "encoder_hidden_states": inputs[1],
+        "timestep": torch.tensor([500]),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+    with torch.no_grad():
+        base = pipe.transformer(inputs[0], **kwargs).sample
+        load_adapters(pipe.transformer, [adapter], "tiny")
+        tuned = pipe.transformer(inputs[0], **kwargs).sample
+    assert (tuned - base).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("method", ["atoms", "lora"])
+def test_resume_gives_the_same_next_loss_as_an_uninterrupted_run(method, dog_images, tmp_path):
+    common = {"method": method, "class_prompt": "a dog", "num_class_images": 2, "learning_rate": 1e-2}
+    full = train(_settings(dog_images, tmp_path / "full", max_steps=4, **common), progress=False)
+    first = train(_settings(dog_images, tmp_path / "cut", checkpoint_every=2, **common), progress=False)
+    state = first.checkpoints[0] / "trainer_state.json"
+    marked = json.loads(state.read_text())
+    marked["extra"]["history"][0]["marker"] = True  # shows that the resumed run read this checkpoint
+    state.write_text(json.dumps(marked))
+    resumed = train(
+        _settings(dog_images, tmp_path / "cut", max_steps=4, resume="latest", **common), progress=False
+    )
+    assert resumed.history[0].get("marker") is True and len(resumed.history) == 4
+    for a, b in zip(full.history[2:], resumed.history[2:], strict=True):
+        assert a["step"] == b["step"]
+        assert a["total"] == pytest.approx(b["total"], rel=1e-6, abs=1e-7)
+    assert full.history[2]["total"] != full.history[1]["total"]
+    with pytest.raises(AtomtuneError, match=r"checkpoint .* was made with method="):
+        train(_settings(dog_images, tmp_path / "cut", resume=str(first.checkpoints[0]), method="oft"))
+    with pytest.raises(AtomtuneError, match="not a checkpoint folder"):
+        train(_settings(dog_images, tmp_path / "cut", resume=str(tmp_path)))
+
+
+def test_gradient_checkpointing_changes_memory_not_results(dog_images, tmp_path, monkeypatch):
+    plain = train(_settings(dog_images, tmp_path / "a", max_steps=3, learning_rate=1e-2), progress=False)
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    settings = _settings(
+        dog_images, tmp_path / "b", max_steps=3, learning_rate=1e-2, gradient_checkpointing=True
+    )
+    checkpointed = train(settings, progress=False)
+    assert len(calls) == 3 * 2  # each step, each of the 2 blocks
+    for a, b in zip(plain.history, checkpointed.history, strict=True):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+        assert a["sparsity"] == pytest.approx(b["sparsity"], rel=1e-5)
+
+
+def test_bf16_mixed_precision_keeps_adapters_in_float32(dog_images, tmp_path):
+    result = train(_settings(dog_images, tmp_path, mixed_precision="bf16"), progress=False)
+    assert all(math.isfinite(h["total"]) for h in result.history)
+    assert result.tuned.model.dtype == torch.bfloat16
+    assert {p.dtype for p in result.tuned.trainable_parameters()} == {torch.float32}
+    train(_settings(dog_images, tmp_path / "again"), progress=False)  # a later fp32 run in the same process
+
+
+def test_bad_instance_data_fails_before_loading_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AtomtuneError, match="no images in"):
+        train(_settings(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_pixart_alpha_with_size_conditioning_trains_and_generates(dog_images, tmp_path):
+    """PixArt-α at 1024 (sample size 128) conditions on image size and aspect ratio: the spec passes them."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from atomtune.diffusion.generate import generate
+
+    sigma = tiny_pixart_pipeline()
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=24,
+        sample_size=128,
+        patch_size=2,
+        caption_channels=12,
+        norm_num_groups=1,
+    ).eval()
+    assert transformer.use_additional_conditions
+    components = {k: getattr(sigma, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    alpha = PixArtAlphaPipeline(transformer=transformer, **components)
+    settings = _settings(dog_images, tmp_path, resolution=32, sample_every=2)
+    result = train(settings, pipe=alpha, progress=False)
+    assert all(math.isfinite(h["total"]) for h in result.history) and len(result.samples) == 1
+    result.tuned.unload()
+    images = generate(
+        alpha, ["a sks dog"], tmp_path / "gen", [result.adapter_dir], steps=2, height=32, progress=False
+    )
+    from PIL import Image
+
+    assert Image.open(images.images[0]).size == (32, 32)
