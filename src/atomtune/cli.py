@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_eval_subcommands
 
     add_eval_subcommands(sub)  # eval, benchmark-dreambooth
+    from .testbed.commands import register as register_testbed
+
+    register_testbed(sub)  # testbed pretrain | judges | preview
     return parser
 
 

@@ -23,6 +23,7 @@ import torch
 from ..errors import AtomtuneError
 
 TINY = "tiny"
+DIGITS = "digits"  # the offline testbed's pretrained digit model (atomtune.testbed)
 DEFAULT_PRETRAINED = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
 SUPPORTED = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
 DTYPES = {
@@ -142,8 +143,13 @@ def load_pipeline(
     """
     device = device or default_device()
     torch_dtype = parse_dtype(dtype, device)
-    if pretrained == TINY:
-        pipe = tiny_pixart_pipeline()
+    if pretrained in (TINY, DIGITS):
+        if pretrained == TINY:
+            pipe = tiny_pixart_pipeline()
+        else:
+            from ..testbed.pipeline import digit_pipeline
+
+            pipe = digit_pipeline()
         pipe.to(device)
         if torch_dtype != torch.float32:
             pipe.to(dtype=torch_dtype)
@@ -372,7 +378,14 @@ class PixArtSpec:
 
 
 def spec_for(pipe) -> PixArtSpec:
-    """The model-specific part for ``pipe``; a clear error for a pipeline not supported yet."""
+    """The model-specific part for ``pipe``; a clear error for a pipeline not supported yet.
+
+    A pipeline class may name its own spec as ``atomtune_spec`` (the testbed's ``DigitPipeline``
+    does): that is how another diffusion transformer plugs in.
+    """
+    own = getattr(type(pipe), "atomtune_spec", None)
+    if own is not None:
+        return own(pipe)
     name = type(pipe).__name__
     if name not in SUPPORTED or not hasattr(pipe, "transformer"):
         raise AtomtuneError(

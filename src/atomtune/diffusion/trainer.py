@@ -231,8 +231,9 @@ def train(settings: TrainSettings, pipe=None, progress: bool = True) -> TrainRes
         )
     else:
         pipe.to(device)
-    if pipe.vae.dtype != torch.float32:
-        pipe.vae.to(torch.float32)  # small; half-precision VAEs overflow (PixArt-Σ uses SDXL's)
+    vae = getattr(pipe, "vae", None)  # pixel-space models (the testbed) have none
+    if vae is not None and vae.dtype != torch.float32:
+        vae.to(torch.float32)  # small; half-precision VAEs overflow (PixArt-Σ uses SDXL's)
     pipe.set_progress_bar_config(disable=True)
     spec = spec_for(pipe)
     resolution = settings.resolution or spec.native_resolution

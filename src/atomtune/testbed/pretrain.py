@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_training_state, save_training_state
+from ..errors import AtomtuneError
 from ..serialization import atomic_write
 from .digits import Attributes, all_captions, load_digits, random_attributes, render, split_indices
 from .model import WEIGHTS, build_transformer, training_scheduler
@@ -36,6 +37,15 @@ class PretrainSettings:
     checkpoint_every: int = 250
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "warmup", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise AtomtuneError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.holdout_digit <= 9:
+            raise AtomtuneError(f"holdout_digit must be 0-9, got {self.holdout_digit}")
+        if self.lr <= 0 or not 0 <= self.ema < 1 or not 0 <= self.caption_dropout < 1:
+            raise AtomtuneError("lr must be > 0, ema and caption_dropout in [0, 1)")
+
 
 def training_batch(
     images: np.ndarray, labels: np.ndarray, pool: np.ndarray, batch: int, rng: np.random.Generator
@@ -47,24 +57,52 @@ def training_batch(
     return x, [a.caption() for a in attrs]
 
 
-def pretrain(settings: PretrainSettings, out_dir: str | Path, progress: bool = True) -> Path:
-    """Train (resuming from ``out_dir``'s last checkpoint if any); return the EMA weights' path."""
+def caption_table(captions: list[str], features: str | Path | None = None):
+    """Text features of ``captions`` from MiniLM, or from a file written by ``save_caption_table``
+    (so a machine without the text encoder's package, a lent GPU say, can pretrain too)."""
+    if features is None:
+        return CaptionEncoder().encode(captions)
+    from safetensors.torch import load_file
+
+    table = load_file(str(features))
+    return table["states"].float(), table["mask"]
+
+
+def save_caption_table(captions: list[str], path: str | Path) -> None:
     from safetensors.torch import save_file
+
+    states, mask = CaptionEncoder().encode(captions)
+    save_file({"states": states.half().contiguous(), "mask": mask.contiguous()}, str(path))
+
+
+def pretraining_captions(holdout_digit: int) -> list[str]:
+    return [*all_captions([d for d in range(10) if d != holdout_digit]), ""]
+
+
+def pretrain(
+    settings: PretrainSettings,
+    out_dir: str | Path,
+    progress: bool = True,
+    device: str = "cpu",
+    features: str | Path | None = None,
+) -> Path:
+    """Train (resuming from ``out_dir``'s last checkpoint if any); return the EMA weights' path."""
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = load_digits()
     train_idx, _ = split_indices(labels)
     pool = train_idx[labels[train_idx] != settings.holdout_digit]
-    model = build_transformer(settings.seed).train()
+    model = build_transformer(settings.seed).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / settings.warmup))
     noise_scheduler = training_scheduler()
     # every caption the templates can make, encoded once; a step only gathers rows
-    captions_all = [*all_captions(sorted({int(labels[i]) for i in pool})), ""]
+    captions_all = pretraining_captions(settings.holdout_digit)
     row_of = {c: i for i, c in enumerate(captions_all)}
-    states_all, mask_all = CaptionEncoder().encode(captions_all)
+    states_all, mask_all = caption_table(captions_all, features)
+    states_all, mask_all = states_all.to(device), mask_all.to(device)
     start = 0
     last = latest_checkpoint(out_dir)
     if last is not None:
@@ -85,10 +123,11 @@ def pretrain(settings: PretrainSettings, out_dir: str | Path, progress: bool = T
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         x, captions = training_batch(images, labels, pool, settings.batch, rng)
         captions = ["" if rng.random() < settings.caption_dropout else c for c in captions]
-        rows = torch.tensor([row_of[c] for c in captions])
+        rows = torch.tensor([row_of[c] for c in captions], device=device)
         states, mask = states_all[rows], mask_all[rows]
         noise = torch.randn(x.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), generator=gen)
+        x, noise, t = x.to(device), noise.to(device), t.to(device)
         pred = model(
             noise_scheduler.add_noise(x, noise, t),
             encoder_hidden_states=states,
@@ -112,15 +151,24 @@ def pretrain(settings: PretrainSettings, out_dir: str | Path, progress: bool = T
             state = {f"model.{k}": v for k, v in model.state_dict().items()}
             state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
             save_training_state(out_dir / f"checkpoint-{done}", state, optimizer, done, asdict(settings))
+            save_weights(ema, out_dir, settings)  # usable weights even if the run stops here
             for old in out_dir.glob("checkpoint-*"):
                 if old.name != f"checkpoint-{done}":
                     import shutil
 
                     shutil.rmtree(old, ignore_errors=True)
-    weights = out_dir / WEIGHTS
-    half = {k: v.detach().to(torch.float16).contiguous() for k, v in ema.state_dict().items()}
-    atomic_write(weights, lambda p: save_file(half, str(p), metadata={"settings": str(asdict(settings))}))
+    weights = save_weights(ema, out_dir, settings)
     (out_dir / "pretrain_seconds.txt").write_text(f"{time.perf_counter() - began:.1f}\n")
+    return weights
+
+
+def save_weights(ema: torch.nn.Module, out_dir: Path, settings: PretrainSettings) -> Path:
+    """The EMA weights in float16: what ships inside the package."""
+    from safetensors.torch import save_file
+
+    half = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in ema.state_dict().items()}
+    weights = out_dir / WEIGHTS
+    atomic_write(weights, lambda p: save_file(half, str(p), metadata={"settings": str(asdict(settings))}))
     return weights
 
 

@@ -1,0 +1,97 @@
+"""``atomtune testbed …``: pretrain the digit model, train the judges, look at what the model draws."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from .pretrain import PretrainSettings, pretrain
+
+    overrides = {
+        f.name: getattr(args, f.name) for f in fields(PretrainSettings) if getattr(args, f.name) is not None
+    }
+    weights = pretrain(PretrainSettings(**overrides), args.out, not args.quiet, args.device, args.features)
+    print(f"wrote {weights} (copy it to atomtune/testbed/weights/ to ship it)")
+
+
+def _judges(args: argparse.Namespace) -> None:
+    from .judges import train_and_save_judge
+
+    accuracy = train_and_save_judge(args.out, epochs=args.epochs, seed=args.seed)
+    print(f"wrote {args.out}; accuracy on held-out real digits: {accuracy:.4f}")
+
+
+def _preview(args: argparse.Namespace) -> None:
+    """Draw every pretrained digit in every color, judge them, write a grid and the scores."""
+    import torch
+    from PIL import Image
+
+    from ..serialization import atomic_write
+    from .digits import COLORS, PLACES, Attributes
+    from .judges import alignment, extract_glyph, load_classifier
+    from .pipeline import digit_pipeline
+
+    digits = [d for d in range(10) if d != args.holdout_digit]
+    attrs = [Attributes(d, c, "large", "in the center") for d in digits for c in COLORS]
+    attrs += [Attributes(d, c, "small", p) for d in digits for c, p in zip(COLORS, PLACES, strict=True)]
+    images = digit_pipeline(args.weights)([a.caption() for a in attrs], list(range(len(attrs))))
+    with torch.no_grad():
+        predicted = load_classifier()(extract_glyph(images)).argmax(1)
+    truth = torch.tensor([a.digit for a in attrs])
+    scores = {
+        "digit_accuracy": (predicted == truth).float().mean().item(),
+        "alignment": alignment(images, attrs).mean().item(),
+        "images": len(attrs),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(digits) * len(COLORS)
+    grid = (
+        images[:n]
+        .view(len(digits), len(COLORS), 3, 24, 24)
+        .permute(0, 3, 1, 4, 2)
+        .reshape(len(digits) * 24, -1, 3)
+    )
+    picture = Image.fromarray((grid.numpy() * 255).astype("uint8")).resize(
+        (grid.shape[1] * 4, grid.shape[0] * 4), 0
+    )
+    atomic_write(out / "preview.png", lambda p: picture.save(p, format="PNG"))
+    atomic_write(out / "preview.json", lambda p: p.write_text(json.dumps(scores, indent=2) + "\n"))
+    print(json.dumps(scores))
+
+
+def register(sub) -> None:
+    """Add ``testbed`` with its sub-commands to the main parser's sub-parsers."""
+    parser = sub.add_parser("testbed", help="the offline digits testbed: pretrain, judges, preview")
+    tb = parser.add_subparsers(dest="testbed_command", required=True)
+
+    p = tb.add_parser("pretrain", help="pretrain the digit DiT (resumes from --out's last checkpoint)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints and digit_dit.safetensors")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--holdout-digit", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--features", help="caption features file (safetensors), instead of running MiniLM")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_pretrain)
+    for name in ("caption_dropout", "ema", "warmup"):
+        p.set_defaults(**{name: None})
+
+    p = tb.add_parser("judges", help="train the digit classifier used as a judge")
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_judges)
+
+    p = tb.add_parser("preview", help="draw and judge every digit the model was pretrained on")
+    p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
+    p.add_argument("--holdout-digit", type=int, default=9)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_preview)
