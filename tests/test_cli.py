@@ -12,7 +12,7 @@ from atomtune.cli import main
 def test_selfcheck_and_inspect(tmp_path, capsys):
     assert main(["selfcheck", "--steps", "3", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "atoms carry 90% of the change" in out
+    assert "atoms carry 90% of each module's change" in out
     result = json.loads((tmp_path / "selfcheck.json").read_text())
     assert result["reload_max_abs_diff"] == 0.0
     assert main(["inspect", str(tmp_path / "adapter")]) == 0

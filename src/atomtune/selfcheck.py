@@ -1,8 +1,10 @@
 """The self-check: fine-tune a tiny PixArt transformer with atoms and report what the atoms did.
 
-It teaches the model a "concept" (a fixed change of its prediction for one caption) while a second
-caption must keep its pretrained prediction, then reads the atoms: how sparse the coefficients are,
-how few atoms carry the change, whether pruning the rest keeps it, whether save → load is exact.
+It teaches the model a "concept" (a structured change of its prediction for one caption: a shift
+and a left-to-right gradient per output channel, as a color or lighting change would be) while a
+second caption must keep its pretrained prediction, then reads the atoms: how sparse the
+coefficients are, how few atoms carry the change, whether pruning the rest keeps it, whether
+save → load is exact.
 Runs in seconds on a CPU; it exercises the same code path a real PixArt-Σ fine-tune takes.
 """
 
@@ -43,7 +45,11 @@ def run_selfcheck(
     with torch.no_grad():
         base_concept, base_other = predict(concept), predict(other)
     g = torch.Generator().manual_seed(seed + 2)
-    target = base_concept + 0.5 * torch.randn(base_concept.shape, generator=g).sign()
+    channels, width = base_concept.shape[1], base_concept.shape[-1]
+    ramp = torch.linspace(-1, 1, width)[None, None, None, :]
+    shift = 0.5 * torch.randn(1, channels, 1, 1, generator=g)
+    target = base_concept + shift + 0.3 * ramp * torch.randn(1, channels, 1, 1, generator=g)
+    untrained = (base_concept - target).pow(2).mean().item()
 
     atoms = AtomModel(model, AtomConfig(num_atoms=32, sparsity_weight=1e-2, lambda_init=1e-2))
     optimizer = torch.optim.AdamW(atoms.trainable_parameters(), lr=3e-3, weight_decay=0.0)
@@ -64,9 +70,10 @@ def run_selfcheck(
         fit = (predict(concept) - target).pow(2).mean().item()
         preserved = (predict(other) - base_other).pow(2).mean().item()
         reference = predict(concept)
+    trainable = atoms.num_trainable_parameters()
     contribution = stats.contribution()
     ranking = stats.report()
-    masks = share_masks(contribution, 0.9)
+    masks = share_masks(contribution, 0.9, per_module=True)
     kept = int(sum(m.sum() for m in masks.values()))
     total = sum(len(m) for m in masks.values())
     atoms.set_masks(masks)
@@ -86,7 +93,8 @@ def run_selfcheck(
         "seed": seed,
         "adapted_modules": len(contribution),
         "atoms_total": total,
-        "trainable_parameters": atoms.num_trainable_parameters(),
+        "trainable_parameters": trainable,
+        "concept_loss_untrained": untrained,
         "concept_loss_start": first_loss,
         "concept_loss_end": fit,
         "other_caption_drift": preserved,
@@ -115,8 +123,9 @@ def summary(result: dict[str, Any]) -> str:
             f"concept loss {result['concept_loss_start']:.4f} -> {result['concept_loss_end']:.4f}; "
             f"drift on the other caption {result['other_caption_drift']:.2e}",
             f"coefficients zero: {100 * result['zero_coefficient_rate']:.1f}%; "
-            f"{result['atoms_for_90pct_contribution']} of {result['atoms_total']} atoms carry 90% of the change",
-            f"pruned to those atoms: concept loss {result['concept_loss_after_pruning_to_those']:.4f}",
+            f"{result['atoms_for_90pct_contribution']} of {result['atoms_total']} atoms carry 90% of each module's change",
+            f"pruned to those atoms: concept loss {result['concept_loss_after_pruning_to_those']:.4f} "
+            f"(untrained {result['concept_loss_untrained']:.4f})",
             f"save -> load max difference: {result['reload_max_abs_diff']:.1e}",
             "top atoms per module: "
             + ", ".join(f"{name}: {ids}" for name, ids in result["top_atoms"].items()),
