@@ -85,3 +85,14 @@ def test_judges_on_held_out_real_digits(digits):
     assert fidelity(classifier, refs, 4, refs)["p_target"].mean() < 0.1
     blank = torch.zeros(1, 3, CANVAS, CANVAS)
     assert measure(blank)[0].color is None and extract_glyph(blank).abs().sum() == 0
+
+
+def test_batched_rendering_equals_one_by_one(digits):
+    from atomtune.testbed.digits import render_batch
+
+    images, labels = digits
+    rng = np.random.default_rng(11)
+    idx = rng.choice(len(labels), size=40)
+    attrs = [random_attributes(int(labels[i]), rng) for i in idx]
+    one_by_one = torch.stack([render(images[i], a) for i, a in zip(idx, attrs, strict=True)])
+    assert torch.equal(render_batch(images[idx], attrs), one_by_one)

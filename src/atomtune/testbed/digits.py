@@ -86,6 +86,30 @@ def render(glyph: np.ndarray | torch.Tensor, attrs: Attributes) -> torch.Tensor:
     return canvas * 2 - 1
 
 
+def render_batch(glyphs: np.ndarray | torch.Tensor, attrs: list[Attributes]) -> torch.Tensor:
+    """``render`` for many glyphs at once (B, 3, 24, 24): one resize per size, no Python per pixel.
+
+    Pretraining draws every batch from scratch; per-sample rendering kept a GPU waiting on the CPU.
+    """
+    g = torch.as_tensor(np.asarray(glyphs), dtype=torch.float32)[:, None]
+    canvas = torch.zeros(len(attrs), 3, CANVAS, CANVAS)
+    colors = torch.tensor([COLORS[a.color] for a in attrs])[:, :, None, None]
+    for size_name, size in (("small", SMALL), ("large", LARGE)):
+        idx = [i for i, a in enumerate(attrs) if a.size == size_name]
+        if not idx:
+            continue
+        scaled = (
+            g[idx]
+            if size == g.shape[-1]
+            else F.interpolate(g[idx], size=(size, size), mode="bilinear", align_corners=False)
+        )
+        scaled = scaled.clamp(0, 1) * colors[idx]
+        for j, i in enumerate(idx):
+            top, left = PLACES[attrs[i].place] if size_name == "small" else ((CANVAS - LARGE) // 2,) * 2
+            canvas[i, :, top : top + size, left : left + size] = scaled[j]
+    return canvas * 2 - 1
+
+
 def random_attributes(digit: int, rng: np.random.Generator) -> Attributes:
     size = SIZES[rng.integers(len(SIZES))]
     place = list(PLACES)[rng.integers(len(PLACES))] if size == "small" else "in the center"

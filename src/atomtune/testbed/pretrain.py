@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_training_state, save_training_state
 from ..errors import AtomtuneError
 from ..serialization import atomic_write
-from .digits import Attributes, all_captions, load_digits, random_attributes, render, split_indices
+from .digits import Attributes, all_captions, load_digits, random_attributes, render_batch, split_indices
 from .model import WEIGHTS, build_transformer, training_scheduler
 from .text import CaptionEncoder
 
@@ -53,7 +53,7 @@ def training_batch(
     """Random real digits from ``pool`` with random color, place and size, and their captions."""
     picks = rng.choice(pool, size=batch)
     attrs = [random_attributes(int(labels[i]), rng) for i in picks]
-    x = torch.stack([render(images[i], a) for i, a in zip(picks, attrs, strict=True)])
+    x = render_batch(images[picks], attrs)
     return x, [a.caption() for a in attrs]
 
 
@@ -143,9 +143,9 @@ def pretrain(
         schedule.step()
         decay = min(settings.ema, (1 + step) / (10 + step))  # warm-up: early EMA forgets the init
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        if step % 25 == 0:  # reading the loss waits for the GPU: not every step
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if done % settings.checkpoint_every == 0 or done == settings.steps:
             state = {f"model.{k}": v for k, v in model.state_dict().items()}
