@@ -37,3 +37,8 @@ def test_unknown_option_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["selfcheck", "--no-such-option"])
     assert exc.value.code == 2
+
+
+def test_fourier_experiment_rejects_bad_settings(capsys):
+    assert main(["experiment", "fourier", "--steps", "0", "--out", "unused"]) == 2
+    assert "steps >= 1" in capsys.readouterr().err

@@ -47,6 +47,24 @@ def _inspect(args: argparse.Namespace) -> None:
     )
 
 
+def _fourier(args: argparse.Namespace) -> None:
+    from .experiments.fourier import FourierSettings, run_fourier
+
+    if args.seed < 0 or (args.steps is not None and args.steps < 1):
+        raise AtomtuneError("seed must be >= 0 and steps >= 1")
+    settings = FourierSettings.fast(args.seed) if args.fast else FourierSettings(seed=args.seed)
+    if args.steps is not None:
+        settings = settings.replace(steps=args.steps)
+    r = run_fourier(settings, Path(args.out), progress=not args.quiet)
+    dense, sparse = r["dense"], r["sparse"]
+    print(
+        f"masked error (NMSE): dense {dense['masked_nmse']:.3f}, sparse {sparse['masked_nmse']:.3f}; "
+        f"atoms needed: dense {dense['atoms_needed_mean']:.1f}, sparse {sparse['atoms_needed_mean']:.1f}; "
+        f"Fourier-like sparse atoms: {sparse['fourier_like_atoms']}; {r['seconds']:.0f}s"
+    )
+    print(f"wrote {Path(args.out) / 'fourier.json'} and {Path(args.out) / 'fourier.png'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atomtune", description="Sparse fine-tuning of transformers with feature-dictionary atoms."
@@ -60,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_selfcheck)
+
+    p = sub.add_parser("experiment", help="the paper's small experiments")
+    ex = p.add_subparsers(dest="experiment", required=True)
+    p = ex.add_parser("fourier", help="toy: masked Fourier signals, sparse atoms against a dense block")
+    p.add_argument("--out", default="atomtune-fourier", help="output folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="training steps of each block")
+    p.add_argument("--fast", action="store_true", help="the test suite's setting: seconds, not minutes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_fourier)
 
     p = sub.add_parser("inspect", help="print an adapter folder's config and per-module atoms")
     p.add_argument("adapter", help="folder with adapter_config.json and adapter_model.safetensors")

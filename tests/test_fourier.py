@@ -1,0 +1,152 @@
+"""The paper's toy experiment (atomtune.experiments.fourier): the claim in a fast setting, the files, the measures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from atomtune.experiments.fourier import (
+    FourierBlock,
+    FourierSettings,
+    atoms_needed,
+    make_signals,
+    partial_sum_errors,
+    run_fourier,
+    spectra,
+)
+from atomtune.functional import naive_attention
+from atomtune.shrinkage import shrink
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fourier")
+    result = run_fourier(FourierSettings.fast(seed=0), out, progress=False)
+    return out, result
+
+
+def test_sparse_block_needs_fewer_atoms_at_comparable_error(fast_run):
+    _, r = fast_run
+    dense, sparse = r["dense"], r["sparse"]
+    # Both actually reconstruct the masked samples (predicting zero scores 1.0) ...
+    assert dense["masked_nmse"] < 0.7
+    assert sparse["masked_nmse"] < 0.7
+    # ... at comparable error (measured here: 0.45 against 0.30; at the defaults 10-20% apart) ...
+    assert sparse["masked_nmse"] < 2 * dense["masked_nmse"]
+    # ... and the sparse block needs fewer of its atoms than the dense block needs of its W_v rows.
+    # Measured: 1.85x here, 1.9-3.7x at the defaults (seeds 0-2): not the "several times" (100 against 9)
+    # of the paper, so that is not asserted; see the module docstring.
+    assert dense["atoms_needed_mean"] >= 1.5 * sparse["atoms_needed_mean"]
+    assert r["ratio_atoms_needed"] == pytest.approx(dense["atoms_needed_mean"] / sparse["atoms_needed_mean"])
+    # The sparse block's codes are sparse; the dense block's coefficients are not.
+    assert sparse["nonzero_coefficients_fraction"] < 0.5
+    assert dense["nonzero_coefficients_fraction"] > 0.9
+
+
+def test_json_and_png_are_written_atomically(fast_run):
+    out, r = fast_run
+    assert sorted(p.name for p in out.iterdir()) == ["fourier.json", "fourier.png"]  # no temporary files left
+    assert (out / "fourier.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "fourier.png").stat().st_size > 10_000
+    data = json.loads((out / "fourier.json").read_text())
+    for key in (
+        "settings",
+        "bases",
+        "linear_nmse",
+        "dense",
+        "sparse",
+        "ratio_atoms_needed",
+        "example",
+        "seconds",
+    ):
+        assert key in data
+    for kind in ("dense", "sparse"):
+        for key in (
+            "masked_nmse",
+            "atoms_needed_mean",
+            "pca_atoms_needed_mean",
+            "fourier_like_atoms",
+            "train_seconds",
+            "partial_sum_error_mean",
+        ):
+            assert key in data[kind], (kind, key)
+    assert data["sparse"]["atoms_needed_mean"] == r["sparse"]["atoms_needed_mean"]
+    assert FourierSettings(**data["settings"]) == FourierSettings.fast(seed=0)
+    assert len(data["bases"]) == 5 and all(0 <= f <= 24 for f in data["bases"])
+    assert data["seconds"] > 0
+
+
+def test_same_seed_same_result(tmp_path):
+    tiny = FourierSettings(seed=3, steps=15, train_signals=128, eval_signals=16)
+    a = run_fourier(tiny, tmp_path / "a", progress=False)
+    b = run_fourier(tiny, tmp_path / "b", progress=False)
+    c = run_fourier(tiny.replace(seed=4), tmp_path / "c", progress=False)
+    for kind in ("dense", "sparse"):
+        assert a[kind]["masked_nmse"] == b[kind]["masked_nmse"]
+        assert a[kind]["partial_sum_error_mean"] == b[kind]["partial_sum_error_mean"]
+        assert a[kind]["masked_nmse"] != c[kind]["masked_nmse"]
+
+
+def test_signals_follow_the_paper():
+    s = FourierSettings()
+    g = torch.Generator().manual_seed(0)
+    bases = torch.tensor([2, 3, 7, 21, 24])
+    x, mask = make_signals(s, 64, g, bases)
+    assert x.shape == mask.shape == (64, 64)
+    assert torch.all(mask.sum(1) == 16)
+    energy = spectra(x)
+    # All the energy sits at the shared frequencies, and every signal uses all of them.
+    assert torch.allclose(energy[:, bases].sum(1), energy.sum(1), rtol=1e-4)
+    assert torch.all(energy[:, bases] > 0.1)
+    # Without shared bases, each signal has its own 5 frequencies (a constant one may nearly vanish).
+    energy = spectra(make_signals(s, 64, g, None)[0])
+    assert torch.all((energy > 0.1).sum(1) <= 5) and torch.all((energy[:, 1:] > 0.1).sum(1) >= 4)
+    assert energy[:, 25:].max() < 1e-6
+    assert len({tuple(row.nonzero().flatten().tolist()) for row in energy > 0.1}) > 32
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_block_matches_the_explicit_attention_map(kind):
+    s = FourierSettings()
+    torch.manual_seed(1)
+    block = FourierBlock(kind, s, torch.randn(s.lift_dim))
+    with torch.no_grad():  # a trained-looking attention map, not the near-uniform one of the init
+        block.W_q.normal_(0, 0.2)
+        block.W_k.normal_(0, 0.2)
+    x, mask = make_signals(s, 4, torch.Generator().manual_seed(2), None)
+    with torch.no_grad():
+        S = block.coefficients(x, mask)
+        q, k, X = block.attention_inputs(x, mask)
+        if kind == "dense":
+            ref = naive_attention(q, k, X)[:, 0]
+        else:
+            z = naive_attention(q, k, X @ block.W_s)[:, 0]
+            ref = shrink(z, "soft", lam=block.lam.abs().double())
+        y, kappa, _ = block(x, mask)
+    assert torch.allclose(S.double(), ref, atol=1e-5)
+    # The output is exactly the sum of the atoms' contributions κ_m·d_m.
+    assert torch.allclose((kappa[:, :, None] * block.atoms[None]).sum(1), y, atol=1e-4)
+
+
+def test_atoms_needed_definition():
+    t = torch.arange(64.0)
+    waves = torch.stack([torch.cos(2 * math.pi * f * t / 64) for f in (1, 2, 3, 4)])
+    # Signal 0: one dominant atom (the rest under 5% together). Signal 1: three equal atoms.
+    contrib = torch.stack(
+        [
+            waves * torch.tensor([1.0, 0.02, 0.02, 0.0])[:, None],
+            waves * torch.tensor([1.0, 1.0, 1.0, 0.0])[:, None],
+        ]
+    )
+    y = contrib.sum(1)
+    err, order = partial_sum_errors(contrib, y)
+    need = atoms_needed(err, 0.05)
+    assert need.tolist() == [1, 3]
+    assert order[0, 0] == 0
+    assert err[:, -1].max() < 1e-6  # all atoms together are the output
+    assert atoms_needed(err, 0.0001).tolist() == [3, 3]
