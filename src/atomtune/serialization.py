@@ -66,6 +66,19 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise AtomtuneError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def check_fields(obj: Any, known: set[str], required: set[str], where: str) -> dict:
+    """``obj`` must be a JSON object with no field outside ``known`` and every field of ``required``."""
+    if not isinstance(obj, dict):
+        raise AtomtuneError(f"{where} must hold a JSON object")
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise AtomtuneError(f"{where} has unknown field(s): {', '.join(unknown)}")
+    missing = sorted(required - set(obj))
+    if missing:
+        raise AtomtuneError(f"{where} lacks field(s): {', '.join(missing)}")
+    return obj
+
+
 def save_adapter(handle: AtomModel, directory: str | Path, adapter: str) -> Path:
     if adapter not in handle.configs:
         raise AtomtuneError(f"no adapter named {adapter!r}")
@@ -107,15 +120,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise AtomtuneError(f"adapter folder not found: {directory}")
     if not path.is_file():
         raise AtomtuneError(f"{path} is missing: not an atomtune adapter folder")
-    meta = read_json(path)
-    if not isinstance(meta, dict):
-        raise AtomtuneError(f"{path} must hold a JSON object")
-    unknown = sorted(set(meta) - _TOP_LEVEL)
-    if unknown:
-        raise AtomtuneError(f"{path} has unknown field(s): {', '.join(unknown)}")
-    missing = sorted(_TOP_LEVEL - set(meta))
-    if missing:
-        raise AtomtuneError(f"{path} lacks field(s): {', '.join(missing)}")
+    meta = check_fields(read_json(path), _TOP_LEVEL, _TOP_LEVEL, str(path))
     if meta["format_version"] != FORMAT_VERSION:
         raise AtomtuneError(
             f"{path} has format_version {meta['format_version']}, this atomtune reads {FORMAT_VERSION}"

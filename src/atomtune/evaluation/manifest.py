@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import AtomtuneError
-from ..serialization import atomic_write, read_json
+from ..serialization import atomic_write, check_fields, read_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "atomtune-generations"
@@ -97,12 +97,7 @@ def _record(raw: Any, where: str) -> ImageRecord:
         raw = raw.to_dict()
     if not isinstance(raw, Mapping):
         raise AtomtuneError(f"{where} must be an object with {', '.join(sorted(_FIELDS))}")
-    unknown = sorted(set(raw) - _FIELDS)
-    if unknown:
-        raise AtomtuneError(f"{where} has unknown field(s): {', '.join(unknown)}")
-    missing = sorted(_REQUIRED - set(raw))
-    if missing:
-        raise AtomtuneError(f"{where} lacks field(s): {', '.join(missing)}")
+    check_fields(dict(raw), _FIELDS, _REQUIRED, where)
     for key in ("file", "subject", "prompt", "method"):
         if not isinstance(raw[key], str) or not raw[key]:
             raise AtomtuneError(f"{where}: {key} must be a non-empty string, got {raw[key]!r}")
@@ -161,15 +156,7 @@ def read_manifest(folder: str | Path, check_files: bool = True) -> Manifest:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise AtomtuneError(f"{path} is missing: not a generation folder (atomtune generate writes one)")
-    payload = read_json(path)
-    if not isinstance(payload, dict):
-        raise AtomtuneError(f"{path} must hold a JSON object")
-    unknown = sorted(set(payload) - _TOP_LEVEL)
-    if unknown:
-        raise AtomtuneError(f"{path} has unknown field(s): {', '.join(unknown)}")
-    missing = sorted(_TOP_LEVEL - set(payload))
-    if missing:
-        raise AtomtuneError(f"{path} lacks field(s): {', '.join(missing)}")
+    payload = check_fields(read_json(path), _TOP_LEVEL, _TOP_LEVEL, str(path))
     if payload["format"] != FORMAT:
         raise AtomtuneError(f"{path} has format {payload['format']!r}, expected {FORMAT!r}")
     if payload["format_version"] != FORMAT_VERSION:
