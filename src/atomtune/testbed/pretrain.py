@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import latest_checkpoint, load_training_state, save_training_state
 from ..errors import AtomtuneError
 from ..serialization import atomic_write
-from .digits import Attributes, all_captions, load_digits, random_attributes, render_batch, split_indices
+from .digits import all_captions, load_digits, random_attributes, render_batch, split_indices
 from .model import WEIGHTS, build_transformer, training_scheduler
 from .text import CaptionEncoder
 
@@ -170,21 +170,3 @@ def save_weights(ema: torch.nn.Module, out_dir: Path, settings: PretrainSettings
     weights = out_dir / WEIGHTS
     atomic_write(weights, lambda p: save_file(half, str(p), metadata={"settings": str(asdict(settings))}))
     return weights
-
-
-def preview_grid(transformer, out_png: Path, digits: list[int], seed: int = 0) -> None:
-    """One row per digit, one column per color: a quick look at what the model draws."""
-    from PIL import Image
-
-    from .digits import COLORS
-    from .model import DigitPipeline
-
-    pipe = DigitPipeline(transformer)
-    prompts = [Attributes(d, c, "large", "in the center").caption() for d in digits for c in COLORS]
-    imgs = pipe(prompts, [seed + i for i in range(len(prompts))])
-    grid = (
-        imgs.view(len(digits), len(COLORS), 3, 24, 24).permute(0, 3, 1, 4, 2).reshape(len(digits) * 24, -1, 3)
-    )
-    Image.fromarray((grid.numpy() * 255).astype("uint8")).resize(
-        (grid.shape[1] * 4, grid.shape[0] * 4), 0
-    ).save(out_png)
