@@ -1,12 +1,14 @@
 """The testbed's text-to-image model: a small ``PixArtTransformer2DModel`` in pixel space.
 
 The same class as PixArt-α/Σ (self-attention, cross-attention to caption tokens, adaLN-single
-timestep conditioning), at 1.8 M parameters: 6 blocks, 4 heads x 32, 24x24 RGB in 3x3 patches
-(64 tokens), MiniLM's 384-wide token states as captions. ``testbed.pipeline`` samples it.
+timestep conditioning), a few million parameters, 24x24 RGB canvases, MiniLM's 384-wide token
+states as captions. A weights file carries its architecture and noise schedule in its metadata,
+so a model pretrained at another size loads without code changes. ``testbed.pipeline`` samples it.
 """
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -17,50 +19,80 @@ from .digits import CANVAS
 from .text import WIDTH
 
 WEIGHTS = "digit_dit.safetensors"
-CONFIG = {
-    "num_attention_heads": 4,
-    "attention_head_dim": 32,
-    "in_channels": 3,
-    "out_channels": 3,
-    "num_layers": 6,
-    "cross_attention_dim": 128,
-    "sample_size": CANVAS,
-    "patch_size": 3,
-    "caption_channels": WIDTH,
-    "norm_num_groups": 1,
-}
-SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
 
 
-def build_transformer(seed: int = 0):
+def model_config(heads: int = 4, layers: int = 6, patch_size: int = 3) -> dict:
+    """``PixArtTransformer2DModel`` arguments: ``heads`` x 32 wide, ``layers`` blocks."""
+    if CANVAS % patch_size:
+        raise AtomtuneError(f"patch_size must divide the {CANVAS}-pixel canvas, got {patch_size}")
+    return {
+        "num_attention_heads": heads,
+        "attention_head_dim": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "num_layers": layers,
+        "cross_attention_dim": heads * 32,
+        "sample_size": CANVAS,
+        "patch_size": patch_size,
+        "caption_channels": WIDTH,
+        "norm_num_groups": 1,
+    }
+
+
+def scheduler_config(prediction_type: str = "v_prediction") -> dict:
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise AtomtuneError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
+    return {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "prediction_type": prediction_type,
+    }
+
+
+def build_transformer(seed: int = 0, config: dict | None = None):
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    return PixArtTransformer2DModel(**CONFIG)
+    return PixArtTransformer2DModel(**(config or model_config()))
 
 
 def shipped_weights() -> Path:
     return Path(str(resources.files("atomtune.testbed") / "weights" / WEIGHTS))
 
 
-def load_transformer(path: str | Path | None = None):
-    """The pretrained testbed model: the shipped checkpoint, or a file written by ``pretrain``."""
-    from safetensors.torch import load_file
+def read_metadata(path: str | Path | None = None) -> tuple[Path, dict, dict]:
+    """(path, model config, scheduler config) of a testbed weights file (default: the shipped one)."""
+    from safetensors import safe_open
 
     path = Path(path) if path is not None else shipped_weights()
     if not path.is_file():
         raise AtomtuneError(f"testbed weights not found: {path} (run `atomtune testbed pretrain`)")
-    model = build_transformer()
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        model = json.loads(meta["model"]) if "model" in meta else model_config()
+        sched = json.loads(meta["scheduler"]) if "scheduler" in meta else scheduler_config("epsilon")
+    except (OSError, ValueError, RuntimeError) as err:  # safetensors raises these on a corrupt header
+        raise AtomtuneError(f"{path} is not a readable safetensors file: {err}") from err
+    return path, model, sched
+
+
+def load_transformer(path: str | Path | None = None):
+    """The pretrained testbed model: the shipped checkpoint, or a file written by ``pretrain``."""
+    from safetensors.torch import load_file
+
+    path, config, _ = read_metadata(path)
+    model = build_transformer(config=config)
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise AtomtuneError(
             f"{path} does not fit the testbed model (missing {missing[:2]}, unexpected {unexpected[:2]})"
         )
-    return model.eval()
+    return model.float().eval()
 
 
-def training_scheduler():
+def training_scheduler(prediction_type: str = "v_prediction"):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SCHEDULER)
+    return DDPMScheduler(**scheduler_config(prediction_type))

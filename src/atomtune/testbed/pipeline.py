@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 
 from ..diffusion.pipeline import PixArtSpec, Prompts
 from .digits import CANVAS
-from .model import SCHEDULER, load_transformer
+from .model import load_transformer, read_metadata
 from .text import MAX_LENGTH, minilm_path
 
 NAME = "digits"
@@ -37,20 +37,20 @@ def sample(
     mask = torch.cat([cond.mask, uncond.mask.expand(n, -1)]).to(device)
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
-        eps = transformer(
+        out = transformer(
             torch.cat([x, x]),
             encoder_hidden_states=embeds,
             encoder_attention_mask=mask,
             timestep=torch.full((2 * n,), int(t), device=device),
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         ).sample
-        eps_c, eps_u = eps.float().chunk(2)
-        x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x.float()).prev_sample.to(dtype)
+        out_c, out_u = out.float().chunk(2)
+        x = scheduler.step(out_u + guidance * (out_c - out_u), t, x.float()).prev_sample.to(dtype)
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
 
 class DigitSpec(PixArtSpec):
-    """Pixel space (images are the latents), MiniLM captions, 24x24 canvases in 3x3 patches."""
+    """Pixel space (images are the latents), MiniLM captions, 24x24 canvases."""
 
     def __init__(self, pipe: DigitPipeline) -> None:
         self.pipe = pipe
@@ -120,11 +120,12 @@ def digit_pipeline(weights: str | Path | None = None, device: str = "cpu") -> Di
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_path()
+    _, _, schedule = read_metadata(weights)
     pipe = DigitPipeline(
         transformer=load_transformer(weights),
         text_encoder=AutoModel.from_pretrained(path).eval(),
         tokenizer=AutoTokenizer.from_pretrained(path),
-        scheduler=DPMSolverMultistepScheduler(**SCHEDULER, thresholding=True, sample_max_value=1.0),
+        scheduler=DPMSolverMultistepScheduler(**schedule, thresholding=True, sample_max_value=1.0),
     )
     pipe.register_to_config(_name_or_path=NAME)
     return pipe.to(device)

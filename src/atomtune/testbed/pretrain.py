@@ -1,6 +1,6 @@
 """Pretrain the testbed DiT on rendered digits, every class but the held-out one.
 
-Plain denoising diffusion (ε-prediction, cosine schedule), captions dropped 10% of the time for
+Plain denoising diffusion (v-prediction by default, cosine schedule), captions dropped 10% of the time for
 classifier-free guidance, AdamW, an exponential moving average of the weights (what ships). Each
 step's digits, attributes and noise are drawn from generators seeded by (seed, step), so a run
 resumed from its last checkpoint continues exactly as an uninterrupted one.
@@ -9,6 +9,7 @@ resumed from its last checkpoint continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..checkpoint import latest_checkpoint, load_training_state, save_training_s
 from ..errors import AtomtuneError
 from ..serialization import atomic_write
 from .digits import all_captions, load_digits, random_attributes, render_batch, split_indices
-from .model import WEIGHTS, build_transformer, training_scheduler
+from .model import WEIGHTS, build_transformer, model_config, scheduler_config, training_scheduler
 from .text import CaptionEncoder
 
 
@@ -36,15 +37,21 @@ class PretrainSettings:
     ema: float = 0.999
     checkpoint_every: int = 250
     seed: int = 0
+    heads: int = 4
+    layers: int = 6
+    patch_size: int = 3
+    prediction_type: str = "v_prediction"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "warmup", "checkpoint_every"):
+        for name in ("steps", "batch", "warmup", "checkpoint_every", "heads", "layers", "patch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise AtomtuneError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 <= self.holdout_digit <= 9:
             raise AtomtuneError(f"holdout_digit must be 0-9, got {self.holdout_digit}")
         if self.lr <= 0 or not 0 <= self.ema < 1 or not 0 <= self.caption_dropout < 1:
             raise AtomtuneError("lr must be > 0, ema and caption_dropout in [0, 1)")
+        model_config(self.heads, self.layers, self.patch_size)  # raise early on a bad architecture
+        scheduler_config(self.prediction_type)
 
 
 def training_batch(
@@ -93,11 +100,12 @@ def pretrain(
     images, labels = load_digits()
     train_idx, _ = split_indices(labels)
     pool = train_idx[labels[train_idx] != settings.holdout_digit]
-    model = build_transformer(settings.seed).to(device).train()
+    config = model_config(settings.heads, settings.layers, settings.patch_size)
+    model = build_transformer(settings.seed, config).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / settings.warmup))
-    noise_scheduler = training_scheduler()
+    noise_scheduler = training_scheduler(settings.prediction_type)
     # every caption the templates can make, encoded once; a step only gathers rows
     captions_all = pretraining_captions(settings.holdout_digit)
     row_of = {c: i for i, c in enumerate(captions_all)}
@@ -135,7 +143,8 @@ def pretrain(
             timestep=t,
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         ).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        target = noise if settings.prediction_type == "epsilon" else noise_scheduler.get_velocity(x, noise, t)
+        loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -163,10 +172,15 @@ def pretrain(
 
 
 def save_weights(ema: torch.nn.Module, out_dir: Path, settings: PretrainSettings) -> Path:
-    """The EMA weights in float16: what ships inside the package."""
+    """The EMA weights in float16 with the architecture and schedule: what ships inside the package."""
     from safetensors.torch import save_file
 
     half = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in ema.state_dict().items()}
+    metadata = {
+        "settings": json.dumps(asdict(settings)),
+        "model": json.dumps(model_config(settings.heads, settings.layers, settings.patch_size)),
+        "scheduler": json.dumps(scheduler_config(settings.prediction_type)),
+    }
     weights = out_dir / WEIGHTS
-    atomic_write(weights, lambda p: save_file(half, str(p), metadata={"settings": str(asdict(settings))}))
+    atomic_write(weights, lambda p: save_file(half, str(p), metadata=metadata))
     return weights
