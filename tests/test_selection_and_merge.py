@@ -161,3 +161,28 @@ def test_overlap_report():
     _model, atoms = _adapted(AtomConfig(num_atoms=4))
     imp = weight_importance(atoms)
     assert atom_overlap(imp, imp, 2)["transformer_blocks.0.attn1"]["overlap"] == 1.0
+
+
+def test_inference_cache_follows_every_change_of_d_mask_and_gain(pixart_inputs):
+    """Without autograd the steered dictionary is cached; any in-place change must be seen."""
+    model, atoms = _adapted(AtomConfig(num_atoms=8))
+    name = "transformer_blocks.0.attn1"
+    a = atoms.atoms()[name]
+
+    def fresh() -> torch.Tensor:  # a deep copy starts with no cache
+        return run_pixart(copy.deepcopy(model), pixart_inputs)
+
+    changes = [
+        lambda: a.D.data.mul_(2.0),  # what an optimizer step does
+        lambda: atoms.set_masks({name: torch.tensor([0, 1, 1, 1, 1, 1, 1, 1])}),
+        lambda: atoms.set_gains({name: {3: -1.5}}),
+        lambda: a.mask.fill_(1.0),
+    ]
+    with torch.no_grad():
+        before = run_pixart(model, pixart_inputs)
+        for change in changes:
+            change()
+            after = run_pixart(model, pixart_inputs)
+            assert not torch.allclose(after, before, atol=1e-6)
+            assert torch.allclose(after, fresh(), atol=1e-6)
+            before = after

@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "sigma-512": dict(heads=16, head_dim=72, layers=28, sample=64, text=300, caption=4096),
     "sigma-1024": dict(heads=16, head_dim=72, layers=28, sample=128, text=300, caption=4096),
 }
-METHODS = ("bare", "atoms", "lora", "dora", "oft")
+METHODS = ("bare", "atoms", "atoms_separate", "lora", "dora", "oft")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -75,8 +75,8 @@ def make_inputs(preset: str, batch: int, device: str, dtype: torch.dtype) -> dic
 
 def apply_method(model: torch.nn.Module, method: str, num_atoms: int) -> tuple[Any, Callable[[Path], None]]:
     """Adapt ``model`` in place; return a handle and a function that saves the adapter to a folder."""
-    if method == "atoms":
-        atoms = AtomModel(model, AtomConfig(num_atoms=num_atoms))
+    if method in ("atoms", "atoms_separate"):  # coefficients in the values' attention call, or a second
+        atoms = AtomModel(model, AtomConfig(num_atoms=num_atoms, fused=method == "atoms"))
         for a in atoms.atoms().values():  # trained-looking atoms: D != 0
             torch.nn.init.normal_(a.D, std=1e-3)
         return atoms, atoms.save

@@ -55,9 +55,12 @@ def attention_with_atoms(
     scale = 1.0 / math.sqrt(d)
     c = c.to(v.dtype)
     if not fused:
+        # channels padded to a kernel-friendly width too: with 2 atoms per head (after pruning)
+        # the fast kernels refuse the call and PyTorch falls back to materialising the map
         out_v = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        out_c = F.scaled_dot_product_attention(q, k, c, attn_mask=attn_mask, scale=scale)
-        return out_v, out_c
+        wide_c = F.pad(c, (0, _round_up(m, pad_to) - m))
+        out_c = F.scaled_dot_product_attention(q, k, wide_c, attn_mask=attn_mask, scale=scale)
+        return out_v, out_c[..., :m]
     width = _round_up(d + m, pad_to)
     qk_pad = (0, width - d)
     wide_v = F.pad(torch.cat([v, c], dim=-1), (0, width - d - m))

@@ -59,7 +59,11 @@ class Atoms(nn.Module):
         return shrink(z, self.shrinkage, lam=self.lam.abs().to(z.dtype), k=self.topk)
 
     def steered_atoms(self) -> torch.Tensor:
-        """``D`` with each row scaled by mask·gain: masking atom m equals dropping row m of ``D``."""
+        """``D`` with each row scaled by mask·gain: masking atom m equals dropping row m of ``D``.
+
+        Recomputed every call (three small kernels): a cache keyed on tensor versions would miss
+        in-place edits made through ``.data``, and serve a stale dictionary.
+        """
         return self.D * (self.mask * self.gain).to(self.D.dtype)[:, None]
 
     def decode(self, s: torch.Tensor) -> torch.Tensor:
@@ -150,8 +154,15 @@ class AtomAttention(AtomLayer):
     kind = "attention"
 
     def channels(self, atoms: Atoms, context: torch.Tensor) -> torch.Tensor:
-        """``Xc·W_s`` split over heads: (B, L, C) → (B, H, L, M/H)."""
-        c = context.to(atoms.W_s.dtype) @ atoms.W_s
+        """``Xc·W_s`` split over heads: (B, L, C) → (B, H, L, M/H).
+
+        On a half-precision host the small ``W_s`` is cast down rather than the large context up:
+        the channels ride with the values in the host's attention call anyway.
+        """
+        if context.dtype in (torch.float16, torch.bfloat16):
+            c = context @ atoms.W_s.to(context.dtype)
+        else:
+            c = context.to(atoms.W_s.dtype) @ atoms.W_s
         b, n, m = c.shape
         return c.view(b, n, self.heads, m // self.heads).transpose(1, 2)
 
