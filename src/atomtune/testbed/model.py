@@ -21,7 +21,7 @@ from .text import WIDTH
 WEIGHTS = "digit_dit.safetensors"
 
 
-def model_config(heads: int = 4, layers: int = 6, patch_size: int = 3) -> dict:
+def model_config(heads: int = 6, layers: int = 8, patch_size: int = 3) -> dict:
     """``PixArtTransformer2DModel`` arguments: ``heads`` x 32 wide, ``layers`` blocks."""
     if CANVAS % patch_size:
         raise AtomtuneError(f"patch_size must divide the {CANVAS}-pixel canvas, got {patch_size}")
@@ -71,7 +71,7 @@ def read_metadata(path: str | Path | None = None) -> tuple[Path, dict, dict]:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         model = json.loads(meta["model"]) if "model" in meta else model_config()
-        sched = json.loads(meta["scheduler"]) if "scheduler" in meta else scheduler_config("epsilon")
+        sched = json.loads(meta["scheduler"]) if "scheduler" in meta else scheduler_config()
     except (OSError, ValueError, RuntimeError) as err:  # safetensors raises these on a corrupt header
         raise AtomtuneError(f"{path} is not a readable safetensors file: {err}") from err
     return path, model, sched

@@ -28,17 +28,17 @@ from .text import CaptionEncoder
 
 @dataclass
 class PretrainSettings:
-    steps: int = 5000
-    batch: int = 64
-    lr: float = 6e-4
+    steps: int = 7750
+    batch: int = 512
+    lr: float = 5e-4
     warmup: int = 200
     holdout_digit: int = 9
     caption_dropout: float = 0.1
     ema: float = 0.999
     checkpoint_every: int = 250
     seed: int = 0
-    heads: int = 4
-    layers: int = 6
+    heads: int = 6
+    layers: int = 8
     patch_size: int = 3
     prediction_type: str = "v_prediction"
 
