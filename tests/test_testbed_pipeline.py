@@ -56,7 +56,7 @@ def test_the_one_trainer_trains_atoms_on_the_testbed(weights, tmp_path):
         instance_prompt="a sks digit",
         output_dir=str(tmp_path / "run"),
         pretrained="digits",
-        num_atoms=8,
+        num_atoms=12,  # a multiple of the 6 heads
         max_steps=3,
         optimizer="adamw",
         learning_rate=1e-2,

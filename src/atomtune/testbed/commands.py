@@ -64,8 +64,44 @@ def _preview(args: argparse.Namespace) -> None:
     print(json.dumps(scores))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import BenchSettings, parse_list, run_bench
+
+    settings = BenchSettings(
+        methods=parse_list(args.methods, str),
+        seeds=parse_list(args.seeds, int),
+        learning_rates=parse_list(args.learning_rates, float),
+        steps=args.steps,
+        num_atoms=args.num_atoms,
+        eval_seeds=parse_list(args.eval_seeds, int),
+        prompts=args.prompts,
+        topk=not args.no_topk,
+        merge=not args.no_merge,
+    )
+    from .bench import markdown
+
+    report = run_bench(settings, args.out, args.weights, not args.quiet)
+    print(markdown(report))
+    print(f"wrote {Path(args.out) / 'bench.md'} and bench.json")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import DemoSettings, run_demo
+
+    summary = run_demo(args.out, DemoSettings(steps=args.steps, seed=args.seed), not args.quiet)
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out}/: images.png, heatmap.png, sweep.png, summary.md ({summary['seconds']:.0f} s)")
+
+
 def register(sub) -> None:
-    """Add ``testbed`` with its sub-commands to the main parser's sub-parsers."""
+    """Add ``demo`` and ``testbed`` with its sub-commands to the main parser's sub-parsers."""
+    p = sub.add_parser("demo", help="the main job: teach the shipped digit model a new digit with atoms")
+    p.add_argument("--out", default="atomtune-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_demo)
+
     parser = sub.add_parser("testbed", help="the offline digits testbed: pretrain, judges, preview")
     tb = parser.add_subparsers(dest="testbed_command", required=True)
 
@@ -93,6 +129,23 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_judges)
+
+    p = tb.add_parser("bench", help="mini-DreamBooth: atoms vs LoRA, DoRA, OFT on the held-out digit")
+    p.add_argument("--out", required=True, help="results folder (a rerun resumes it)")
+    p.add_argument("--methods", default="atoms,lora,dora,oft")
+    p.add_argument("--seeds", default="0,1,2", help="report seeds (comma-separated)")
+    p.add_argument(
+        "--learning-rates", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="the search grid, same for all"
+    )
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--num-atoms", type=int, default=66)
+    p.add_argument("--eval-seeds", default="0,1", help="samples per prompt")
+    p.add_argument("--prompts", help="a file of prompts, one per line, {} = the concept")
+    p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
+    p.add_argument("--no-topk", action="store_true", help="skip the atoms-removal curve")
+    p.add_argument("--no-merge", action="store_true", help="skip the concept + style merge")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_bench)
 
     p = tb.add_parser("preview", help="draw and judge every digit the model was pretrained on")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")

@@ -1,0 +1,229 @@
+"""Mini-DreamBooth on the testbed: teach the pretrained digit model the held-out digit from a few
+real handwritten samples, with any method of the one trainer, and judge what it draws.
+
+Shared by ``testbed bench`` (all methods, seeds, learning rates) and ``demo`` (atoms, once). The
+concept is the held-out digit's handwriting under a rare token ("a sks digit"); the instance
+images show it in several colors, places and sizes that the prompt does not name, and the 25
+prompts ask for it in each color, place and size by name. A color style ("zwx style": magenta strokes, learned from
+other digits) is the second adapter for the merge experiment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..diffusion.images import save_png
+from ..errors import AtomtuneError
+from .digits import COLORS, PLACES, SIZES, WORDS, Attributes, load_digits, render_batch, split_indices
+from .judges import alignment, fidelity, ink_mask, load_classifier
+
+TOKEN = "sks"
+SUBJECT = f"{TOKEN} digit"
+INSTANCE_PROMPT = f"a {SUBJECT}"
+STYLE_TOKEN = "zwx"
+STYLE_PROMPT = f"a digit, {STYLE_TOKEN} style"
+STYLE_RGB = (1.0, 0.1, 1.0)  # magenta: a color no pretraining caption names
+GUIDANCE = 2.5
+SAMPLE_STEPS = 20
+
+
+@dataclass
+class Prompt:
+    """An evaluation prompt and, when it says them in the templates' words, its attributes."""
+
+    text: str
+    attributes: Attributes | None
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [0, 1] → PIL images."""
+    from PIL import Image
+
+    arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
+
+
+def real_glyphs(digit: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` real handwritten samples of ``digit`` from the training split, picked by ``seed``."""
+    images, labels = load_digits()
+    train_idx, _ = split_indices(labels)
+    pool = train_idx[labels[train_idx] == digit]
+    picks = np.random.default_rng(seed).choice(pool, size=count, replace=False)
+    return images[picks]
+
+
+def instance_images(digit: int, count: int = 5, seed: int = 0) -> torch.Tensor:
+    """The concept's instance images, in [-1, 1]: real samples of ``digit``, each in its own color,
+    place and size (as DreamBooth's photos show the subject in several settings)."""
+    from .digits import random_attributes
+
+    rng = np.random.default_rng([seed, 1])
+    attrs = [random_attributes(digit, rng) for _ in range(count)]
+    return render_batch(real_glyphs(digit, count, seed), attrs)
+
+
+def style_images(holdout: int, count: int = 5, seed: int = 0) -> torch.Tensor:
+    """The style's instance images: other digits, large and centred, in magenta strokes."""
+    rng = np.random.default_rng(seed)
+    digits = rng.choice([d for d in range(10) if d != holdout], size=count, replace=False)
+    glyphs = np.stack([real_glyphs(int(d), 1, seed + i)[0] for i, d in enumerate(digits)])
+    white = render_batch(glyphs, [Attributes(int(d), "white", "large", "in the center") for d in digits])
+    ink = (white + 1) / 2  # white strokes: intensity in every channel
+    return ink * torch.tensor(STYLE_RGB)[:, None, None] * 2 - 1
+
+
+def write_images(images: torch.Tensor, folder: str | Path) -> Path:
+    """Save (B, 3, H, W) images in [-1, 1] as PNGs (the trainer reads folders of images)."""
+    folder = Path(folder)
+    for i, image in enumerate(to_pil((images + 1) / 2)):
+        save_png(image, folder / f"{i:02d}.png")
+    return folder
+
+
+def parse_prompt(text: str) -> Attributes | None:
+    """Read color, size and place off a prompt in the templates' words (None if it lacks any)."""
+    words = text.lower()
+    color = next((c for c in COLORS if f" {c} " in f" {words} "), None)
+    size = next((s for s in SIZES if f" {s} " in f" {words} "), None)
+    place = next((p for p in PLACES if p in words), None)
+    if color is None or size is None:
+        return None
+    if size == "large":
+        place = "in the center"
+    if place is None:
+        return None
+    return Attributes(-1, color, size, place)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """One prompt per line; ``{}`` stands for the concept ("sks digit"). Blank lines and # skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise AtomtuneError(f"prompts file not found: {path}")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    texts = [ln.replace("{}", SUBJECT) for ln in lines if ln and not ln.startswith("#")]
+    if not texts:
+        raise AtomtuneError(f"{path} holds no prompts")
+    missing = [t for t in texts if TOKEN not in t.split()]
+    if missing:
+        raise AtomtuneError(f"prompt without the concept ({{}} or '{TOKEN}'): {missing[0]!r}")
+    return [Prompt(t, parse_prompt(t)) for t in texts]
+
+
+def grid_prompts() -> list[Prompt]:
+    """The 25 evaluation prompts: 5 colors x (4 small corners + large centre)."""
+    from .digits import prompt_grid
+
+    return [Prompt(a.caption(SUBJECT), a) for a in prompt_grid(SUBJECT)]
+
+
+def draw(pipe, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    """Every prompt with every seed, (len(prompts)·len(seeds), 3, 24, 24) in [0, 1], prompt-major."""
+    texts = [p for p in prompts for _ in seeds]
+    return pipe(texts, [s for _ in prompts for s in seeds], SAMPLE_STEPS, GUIDANCE)
+
+
+def score_concept(
+    pipe, prompts: list[Prompt], seeds: list[int], target: int, references: torch.Tensor, classifier=None
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Fidelity (P(target), feature cosine to the instance images) and text alignment."""
+    classifier = classifier or load_classifier()
+    images = draw(pipe, [p.text for p in prompts], seeds)
+    fid = fidelity(classifier, images, target, (references + 1) / 2)
+    judged = [(i, p.attributes) for i, p in enumerate(p for p in prompts for _ in seeds) if p.attributes]
+    scores = {
+        "p_target": fid["p_target"].mean().item(),
+        "feature_cosine": fid["feature_cosine"].mean().item(),
+    }
+    if judged:
+        index = torch.tensor([i for i, _ in judged])
+        scores["alignment"] = alignment(images[index], [a for _, a in judged]).mean().item()
+    return scores, images
+
+
+def prior_prompts(holdout: int) -> list[tuple[str, int]]:
+    """Two prompts per pretrained digit (large white centre, small red top-left) and their digit."""
+    out = []
+    for d in range(10):
+        if d == holdout:
+            continue
+        out.append((Attributes(d, "white", "large", "in the center").caption(), d))
+        out.append((Attributes(d, "red", "small", "in the top left corner").caption(), d))
+    return out
+
+
+def score_prior(pipe, holdout: int, seeds: list[int], classifier=None) -> float:
+    """Prior preservation: the share of the other digits still drawn as themselves."""
+    from .judges import extract_glyph
+
+    classifier = classifier or load_classifier()
+    prompts = prior_prompts(holdout)
+    images = draw(pipe, [p for p, _ in prompts], seeds)
+    truth = torch.tensor([d for _, d in prompts for _ in seeds])
+    with torch.no_grad():
+        predicted = classifier(extract_glyph(images)).argmax(1)
+    return (predicted == truth).double().mean().item()
+
+
+def style_share(images: torch.Tensor) -> float:
+    """The share of images whose mean stroke color is nearer the style's than any named color."""
+    palette = torch.tensor([*COLORS.values(), STYLE_RGB])
+    palette = palette / palette.norm(dim=1, keepdim=True)
+    hits = []
+    for img, ink in zip(images, ink_mask(images), strict=True):
+        if ink.sum() == 0:
+            hits.append(False)
+            continue
+        rgb = img[:, ink].mean(1)
+        hits.append(int((palette @ (rgb / rgb.norm().clamp(min=1e-6))).argmax()) == len(COLORS))
+    return float(np.mean(hits))
+
+
+def train_adapter(
+    pipe,
+    method: str,
+    instance_dir: Path,
+    prompt: str,
+    out_dir: Path,
+    learning_rate: float,
+    steps: int,
+    seed: int,
+    num_atoms: int,
+    class_prompt: str | None = None,
+    class_dir: Path | None = None,
+    progress: bool = False,
+):
+    """One run of the project's trainer on the testbed pipeline; the adapter stays in ``pipe``."""
+    from ..diffusion.trainer import TrainSettings, train
+
+    settings = TrainSettings(
+        instance_data=str(instance_dir),
+        instance_prompt=prompt,
+        token=STYLE_TOKEN if STYLE_TOKEN in prompt.split() else TOKEN,
+        output_dir=str(out_dir),
+        pretrained="digits",
+        method=method,
+        num_atoms=num_atoms,
+        learning_rate=learning_rate,
+        max_steps=steps,
+        batch_size=len(list(Path(instance_dir).glob("*.png"))),
+        seed=seed,
+        class_prompt=class_prompt,
+        class_data=None if class_dir is None else str(class_dir),
+        num_class_images=20,
+        sample_steps=SAMPLE_STEPS,
+        guidance_scale=GUIDANCE,
+    )
+    return train(settings, pipe=pipe, progress=progress)
+
+
+def adapter_megabytes(adapter_dir: Path) -> float:
+    return sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors")) / 2**20
+
+
+def word(digit: int) -> str:
+    return WORDS[digit]

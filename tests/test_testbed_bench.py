@@ -1,0 +1,115 @@
+"""The shipped checkpoint draws digits; the mini-DreamBooth bench and the demo run end to end on a
+reduced grid and write tables whose numbers are in range; resume and bad input behave."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from atomtune.cli import main
+from atomtune.errors import AtomtuneError
+from atomtune.testbed import customize as cz
+from atomtune.testbed.bench import BenchSettings, run_bench
+from atomtune.testbed.digits import COLORS, Attributes
+from atomtune.testbed.judges import extract_glyph, load_classifier
+from atomtune.testbed.model import read_metadata, shipped_weights
+from atomtune.testbed.pipeline import digit_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return digit_pipeline()
+
+
+def test_shipped_checkpoint_draws_the_digits_it_was_taught(pipe):
+    path, config, schedule = read_metadata()
+    assert path == shipped_weights() and path.stat().st_size < 20 * 2**20
+    assert config["num_attention_heads"] == pipe.transformer.config.num_attention_heads
+    assert schedule["prediction_type"] == pipe.scheduler.config.prediction_type == "v_prediction"
+    attrs = [Attributes(d, "white", "large", "in the center") for d in range(9)]
+    images = pipe([a.caption() for a in attrs], list(range(9)), steps=20, guidance_scale=cz.GUIDANCE)
+    with torch.no_grad():
+        predicted = load_classifier()(extract_glyph(images)).argmax(1)
+    # the judge reads back most digits (a random or broken checkpoint scores about 0.1)
+    assert (predicted == torch.arange(9)).float().mean() >= 0.7
+
+
+def test_prompt_parsing_and_prompt_files(tmp_path):
+    a = cz.parse_prompt("a small red sks digit in the top left corner")
+    assert (a.color, a.size, a.place) == ("red", "small", "in the top left corner")
+    assert cz.parse_prompt("a large blue sks digit").place == "in the center"
+    assert cz.parse_prompt("a sks digit on a beach") is None
+    f = tmp_path / "p.txt"
+    f.write_text("# mine\na large green {}\n\na sks digit on the moon\n")
+    prompts = cz.read_prompts(f)
+    assert [p.text for p in prompts] == ["a large green sks digit", "a sks digit on the moon"]
+    assert prompts[0].attributes.color == "green" and prompts[1].attributes is None
+    f.write_text("a large green seven\n")
+    with pytest.raises(AtomtuneError, match="without the concept"):
+        cz.read_prompts(f)
+    with pytest.raises(AtomtuneError, match="not found"):
+        cz.read_prompts(tmp_path / "missing.txt")
+
+
+def test_style_share_reads_stroke_color():
+    red = (cz.instance_images(9, 2) + 1) / 2 * 0  # black canvases
+    red[:, 0, 8:16, 8:16] = 1.0
+    magenta = (cz.style_images(9, 2) + 1) / 2
+    assert cz.style_share(red) == 0.0 and cz.style_share(magenta) == 1.0
+    assert cz.STYLE_RGB not in COLORS.values()  # the style is a color no caption names
+
+
+def test_bench_on_a_reduced_grid_writes_tables_and_resumes(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red {}\na small blue {} in the top right corner\n")
+    settings = BenchSettings(
+        methods=("atoms", "lora"), seeds=(0,), learning_rates=(1e-3,), steps=2, num_atoms=12,
+        eval_seeds=(0,), prompts=str(prompts),
+    )  # fmt: skip
+    out = tmp_path / "bench"
+    report = run_bench(settings, out, progress=False)
+    table = (out / "bench.md").read_text()
+    for row in ("| pretrained |", "| atoms |", "| lora |", "| merge: sum |", "| merge: concat |"):
+        assert row in table
+    assert json.loads((out / "bench.json").read_text())["chosen_learning_rate"] == {
+        "atoms": 1e-3,
+        "lora": 1e-3,
+    }
+    for method, rows in report["results"].items():
+        for r in rows:
+            for key in ("p_target", "alignment", "prior"):
+                assert 0.0 <= r[key] <= 1.0, (method, key)
+            assert r["trainable_params"] > 0 and r["adapter_mb"] > 0
+    assert [r["k"] for r in report["topk"]] == [1, 2, 4, 8, 12]
+    assert (out / "topk" / "heatmap.png").is_file() and (out / "runs" / "atoms").is_dir()
+    # a rerun reads the finished runs instead of training again
+    marker = out / "runs" / "lora" / "lr-0.001" / "seed-0" / "result.json"
+    stamp = marker.stat().st_mtime_ns
+    run_bench(settings, out, progress=False)
+    assert marker.stat().st_mtime_ns == stamp
+    # ... but not with other settings
+    with pytest.raises(AtomtuneError, match="other settings"):
+        run_bench(BenchSettings(methods=("atoms",), seeds=(0,), steps=3), out, progress=False)
+
+
+def test_bench_cli_rejects_bad_options(tmp_path, capsys):
+    assert main(["testbed", "bench", "--out", str(tmp_path), "--methods", "atoms,ia3"]) == 2
+    assert "unknown method(s) ia3" in capsys.readouterr().err
+    assert main(["testbed", "bench", "--out", str(tmp_path), "--seeds", "0,x"]) == 2
+    assert "comma-separated list of int" in capsys.readouterr().err
+    assert main(["testbed", "bench", "--out", str(tmp_path), "--prompts", str(tmp_path / "no.txt")]) == 2
+    assert "prompts file not found" in capsys.readouterr().err
+
+
+def test_demo_writes_its_folder(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    for name in ("images.png", "heatmap.png", "sweep.png", "summary.md", "rankings.json"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert (tmp_path / "demo" / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    for key in ("p_target", "alignment", "prior"):
+        assert 0 <= summary["before"][key] <= 1 and 0 <= summary["after"][key] <= 1
+    assert summary["before"]["prior"] >= 0.8  # the shipped model draws the other digits
+    assert "atomtune demo" in capsys.readouterr().out
