@@ -24,4 +24,4 @@ def test_ci_runs_readme_test_command():
     assert len(blocks) == 2, "README keeps exactly two set-up commands"
     ci = (ROOT / ".ci" / "run").read_text()
     assert blocks[1] in ci
-    assert "pytest" in blocks[1] and "atomtune selfcheck" in blocks[0]
+    assert "pytest" in blocks[1] and "atomtune demo" in blocks[0]

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_subcommands(sub)  # eval, benchmark-dreambooth
     from .testbed.commands import register as register_testbed
 
-    register_testbed(sub)  # testbed pretrain | judges | preview
+    register_testbed(sub)  # demo; testbed pretrain | judges | bench | preview
     return parser
 
 
