@@ -3,8 +3,9 @@
 Every method goes through the same trainer, optimizer (CAME), steps and learning-rate budget: each
 learning rate of the grid is tried on a selection seed the report does not use; the kept one draws
 the concept best (P(target)) while keeping alignment and the other digits (both ≥ 0.8), and it is
-rerun on every report seed. Then, for atoms: fidelity and alignment as atoms are removed (top-k per module, ranked by
-contribution E|s|·‖d‖ measured while sampling), and a concept + color-style merge (sum and concat).
+rerun on every report seed. Then, for atoms: fidelity and alignment as atoms are removed (top-k
+per module, ranked by contribution E|s|·‖d‖ measured while sampling), and a concept + color-style
+merge (sum and concat).
 
 Each run writes its result next to its adapter; a rerun skips runs already done (resume).
 """
@@ -50,20 +51,22 @@ class BenchSettings:
             raise AtomtuneError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         if not self.methods or not self.seeds or not self.learning_rates or not self.eval_seeds:
             raise AtomtuneError("methods, seeds, learning rates and eval seeds must not be empty")
-        if self.steps < 1 or self.instances < 1:
-            raise AtomtuneError("steps and instances must be positive")
+        if self.steps < 1 or self.instances < 1 or min(self.learning_rates) <= 0:
+            raise AtomtuneError("steps, instances and learning rates must be positive")
         if self.select_seed in self.seeds:
             raise AtomtuneError(f"the selection seed {self.select_seed} must not be a report seed")
 
 
-def run_bench(settings: BenchSettings, out_dir: str | Path, weights: str | None = None, progress=True):
+def run_bench(
+    settings: BenchSettings, out_dir: str | Path, weights: str | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Run (or resume) the benchmark; write bench.json and bench.md under ``out_dir``."""
     from .pipeline import digit_pipeline
 
     out = Path(out_dir).expanduser()
-    _check_settings(out, settings)
     prompts = cz.read_prompts(settings.prompts) if settings.prompts else cz.grid_prompts()
-    pipe = digit_pipeline(weights)
+    pipe = digit_pipeline(weights)  # bad input fails here, before anything is written
+    _check_settings(out, settings, [p.text for p in prompts], weights)
     classifier = load_classifier()
     target = settings.holdout_digit
     references = cz.instance_images(target, settings.instances)
@@ -166,10 +169,10 @@ def _fingerprint(model: torch.nn.Module) -> tuple[int, float]:
         return len(params), float(sum(p.double().abs().sum() for p in params))
 
 
-def _check_settings(out: Path, settings: BenchSettings) -> None:
-    """Resuming with other settings would mix runs of two benchmarks in one table."""
+def _check_settings(out: Path, settings: BenchSettings, prompts: list[str], weights: str | None) -> None:
+    """Resuming with other settings, prompts or weights would mix two benchmarks in one table."""
     path = out / "bench_settings.json"
-    current = json.loads(json.dumps(asdict(settings)))
+    current = json.loads(json.dumps({**asdict(settings), "prompt_texts": prompts, "weights": weights}))
     if path.is_file():
         previous = json.loads(path.read_text())
         if previous != current:

@@ -43,7 +43,7 @@ def to_pil(images: torch.Tensor) -> list:
     """(B, 3, H, W) in [0, 1] → PIL images."""
     from PIL import Image
 
-    arrays = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    arrays = (images.nan_to_num(0.0).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in arrays]
 
 

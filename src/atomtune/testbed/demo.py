@@ -75,14 +75,14 @@ def run_demo(
             24,
             ks=None,
         )
-        save_png(_enlarge(grid([strip], [f"k={k}" for k in ks]), 1), out / "sweep.png")
+        save_png(grid([_enlarge_all(strip)], [f"k={k}" for k in ks]), out / "sweep.png")
         share = _share_for_most(contribution)
         trainable = result.tuned.num_trainable_parameters()
     finally:
         result.tuned.unload()
-    pil_before, pil_after = cz.to_pil(images_before), cz.to_pil(images_after)
+    pil_before, pil_after = _enlarge_all(cz.to_pil(images_before)), _enlarge_all(cz.to_pil(images_after))
     rows = [pil_before[i * 5 : (i + 1) * 5] + pil_after[i * 5 : (i + 1) * 5] for i in range(5)]
-    save_png(_enlarge(grid(rows, ["before"] + [""] * 4 + ["after"] + [""] * 4), 2), out / "images.png")
+    save_png(grid(rows, ["before"] + [""] * 4 + ["after"] + [""] * 4), out / "images.png")
     summary = {
         "concept": f"the digit {target} ({cz.word(target)}), never seen in pretraining",
         "instance_prompt": cz.INSTANCE_PROMPT,
@@ -92,6 +92,7 @@ def run_demo(
         "atoms_for_90_percent": share,
         "sparsity_last_step": result.history[-1].get("sparsity"),
         "trainable_params": trainable,
+        "adapter": str(result.adapter_dir),
         "seconds": time.perf_counter() - began,
         "train_seconds": result.seconds,
         "sweep_prompt": SWEEP_PROMPT,
@@ -102,8 +103,9 @@ def run_demo(
     return summary
 
 
-def _enlarge(image, factor: int):
-    return image.resize((image.width * factor, image.height * factor), 0)
+def _enlarge_all(images: list, factor: int = 3) -> list:
+    """24x24 images are too small to see; nearest-neighbour keeps their pixels honest."""
+    return [im.resize((im.width * factor, im.height * factor), 0) for im in images]
 
 
 def _share_for_most(contribution, share: float = 0.9) -> float:
