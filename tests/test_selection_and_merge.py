@@ -186,3 +186,16 @@ def test_inference_cache_follows_every_change_of_d_mask_and_gain(pixart_inputs):
             assert not torch.allclose(after, before, atol=1e-6)
             assert torch.allclose(after, fresh(), atol=1e-6)
             before = after
+
+
+def test_compiled_forward_equals_eager(pixart_inputs):
+    """The speed harness's ``--compile`` path computes what the eager processor computes."""
+    model, atoms = _adapted(AtomConfig(num_atoms=8))
+    eager = run_pixart(model, pixart_inputs)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        out = compiled(**pixart_inputs).sample
+    torch._dynamo.reset()
+    assert torch.allclose(out, eager, atol=1e-5)
+    with atoms.disable():
+        assert not torch.allclose(run_pixart(model, pixart_inputs), eager, atol=1e-4)

@@ -139,8 +139,10 @@ def measure(
     warmup: int,
     repeats: int,
     prune_to: int,
+    compile_inference: bool = False,
 ) -> dict[str, Any]:
-    """All figures of one method, on a freshly built model."""
+    """All figures of one method, on a freshly built model. With ``compile_inference`` the
+    inference forward runs through ``torch.compile`` (every method alike; compile time excluded)."""
     _reset_peak(device)
     model = build_transformer(preset, device, dtype)
     inputs = make_inputs(preset, batch, device, dtype)
@@ -172,9 +174,11 @@ def measure(
         del optimizer
     model.eval()
 
+    infer = torch.compile(model) if compile_inference else model
+
     @torch.no_grad()
     def forward() -> None:
-        model(**inputs)
+        infer(**inputs)
 
     _reset_peak(device)
     row["inference_ms"] = median_ms(forward, warmup, repeats, device)
@@ -188,6 +192,9 @@ def measure(
     if isinstance(handle, AtomModel):
         handle.set_masks(top_k_masks(weight_importance(handle), prune_to))
         handle.prune()
+        if compile_inference:  # new shapes: compile again, outside the timing
+            torch._dynamo.reset()
+            infer = torch.compile(model)
         row["pruned_atoms_per_module"] = prune_to
         row["inference_pruned_ms"] = median_ms(forward, warmup, repeats, device)
     return row
@@ -203,11 +210,18 @@ def run(
     warmup: int = 2,
     repeats: int = 5,
     prune_to: int = 32,
+    compile_inference: bool = False,
 ) -> dict[str, Any]:
     torch_dtype = getattr(torch, dtype)
-    rows = [
-        measure(m, preset, batch, device, torch_dtype, num_atoms, warmup, repeats, prune_to) for m in methods
-    ]
+    rows = []
+    for m in methods:
+        if compile_inference:
+            torch._dynamo.reset()
+        rows.append(
+            measure(
+                m, preset, batch, device, torch_dtype, num_atoms, warmup, repeats, prune_to, compile_inference
+            )
+        )
     bare = next((r for r in rows if r["method"] == "bare"), None)
     if bare is not None:
         for r in rows:
@@ -223,6 +237,7 @@ def run(
         pass
     settings = {"preset": preset, **PRESETS[preset], "batch": batch, "device": device, "dtype": dtype}
     settings.update(num_atoms=num_atoms, warmup=warmup, repeats=repeats, optimizer="AdamW")
+    settings["compiled_inference"] = compile_inference
     return {"settings": settings, "environment": env, "results": rows}
 
 
@@ -238,7 +253,8 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
         f"{s['preset']}, {s['dtype']}, batch {s['batch']}, {report['environment']['device_name']}, "
-        f"torch {report['environment']['torch']}, median of {s['repeats']} after {s['warmup']} warm-up",
+        f"torch {report['environment']['torch']}, median of {s['repeats']} after {s['warmup']} warm-up"
+        + (", inference through torch.compile" if s.get("compiled_inference") else ""),
         "",
         "| method | trainable params | train step | train peak | inference forward | vs bare | adapter file |",
         "|---|---|---|---|---|---|---|",
@@ -280,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prune-to", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the inference forward (all methods)"
+    )
     parser.add_argument("--out", type=Path, help="folder for speed.json and speed.md")
     args = parser.parse_args(argv)
     report = run(
@@ -292,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         args.warmup,
         args.repeats,
         args.prune_to,
+        args.compile,
     )
     table = markdown(report)
     print(table)
