@@ -98,7 +98,7 @@ def test_bench_cli_rejects_bad_options(tmp_path, capsys):
     assert main(["testbed", "bench", "--out", str(tmp_path), "--methods", "atoms,ia3"]) == 2
     assert "unknown method(s) ia3" in capsys.readouterr().err
     assert main(["testbed", "bench", "--out", str(tmp_path), "--seeds", "0,x"]) == 2
-    assert "comma-separated list of int" in capsys.readouterr().err
+    assert "--seeds must be comma-separated integers" in capsys.readouterr().err
     assert main(["testbed", "bench", "--out", str(tmp_path), "--prompts", str(tmp_path / "no.txt")]) == 2
     assert "prompts file not found" in capsys.readouterr().err
 

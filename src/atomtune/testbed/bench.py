@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 from ..diffusion.images import grid, save_json, save_png, save_text
 from ..errors import AtomtuneError
 from ..selection import top_k_masks
+from ..serialization import read_json
 from . import customize as cz
 from .judges import load_classifier
+from .pipeline import digit_pipeline, to_pil
 
 METHODS = ("atoms", "lora", "dora", "oft")
 
@@ -61,7 +63,6 @@ def run_bench(
     settings: BenchSettings, out_dir: str | Path, weights: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Run (or resume) the benchmark; write bench.json and bench.md under ``out_dir``."""
-    from .pipeline import digit_pipeline
 
     out = Path(out_dir).expanduser()
     prompts = cz.read_prompts(settings.prompts) if settings.prompts else cz.grid_prompts()
@@ -85,7 +86,7 @@ def run_bench(
         run_dir = out / "runs" / method / f"lr-{lr:g}" / f"seed-{seed}"
         done = run_dir / "result.json"
         if done.is_file():
-            return json.loads(done.read_text())
+            return read_json(done, "run result")
         result = cz.train_adapter(
             pipe,
             method,
@@ -111,7 +112,7 @@ def run_bench(
 
     base_file = out / "base.json"
     if base_file.is_file():
-        base = json.loads(base_file.read_text())
+        base = read_json(base_file, "base scores")
     else:
         base = {"method": "pretrained (no tuning)", **evaluate(out / "base")}
         save_json(base, base_file)
@@ -174,7 +175,7 @@ def _check_settings(out: Path, settings: BenchSettings, prompts: list[str], weig
     path = out / "bench_settings.json"
     current = json.loads(json.dumps({**asdict(settings), "prompt_texts": prompts, "weights": weights}))
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = read_json(path, "benchmark settings")
         if previous != current:
             changed = sorted(k for k in current if previous.get(k) != current[k])
             raise AtomtuneError(
@@ -186,7 +187,7 @@ def _check_settings(out: Path, settings: BenchSettings, prompts: list[str], weig
 
 def _sheet(images: torch.Tensor, prompts: int, seeds: int):
     """Prompts as rows (at most 25), seeds as columns, 3x enlarged."""
-    pil = cz.to_pil(images)
+    pil = to_pil(images)
     rows = [pil[i * seeds : (i + 1) * seeds] for i in range(min(prompts, 25))]
     sheet = grid(rows)
     return sheet.resize((sheet.width * 3, sheet.height * 3), 0)
@@ -310,8 +311,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_list(text: str, kind=float) -> tuple:
+def parse_list(text: str, kind: type = float) -> tuple:
+    """``"1e-4, 3e-4"`` → ``(1e-4, 3e-4)``; integer lists go through ``diffusion.commands.int_list``."""
     try:
-        return tuple(kind(x) for x in text.split(",") if x.strip())
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
     except ValueError as err:
         raise AtomtuneError(f"not a comma-separated list of {kind.__name__}: {text!r}") from err

@@ -65,15 +65,16 @@ def _preview(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    from ..diffusion.commands import int_list
     from .bench import BenchSettings, parse_list, run_bench
 
     settings = BenchSettings(
         methods=parse_list(args.methods, str),
-        seeds=parse_list(args.seeds, int),
+        seeds=tuple(int_list(args.seeds, "--seeds")),
         learning_rates=parse_list(args.learning_rates, float),
         steps=args.steps,
         num_atoms=args.num_atoms,
-        eval_seeds=parse_list(args.eval_seeds, int),
+        eval_seeds=tuple(int_list(args.eval_seeds, "--eval-seeds")),
         prompts=args.prompts,
         topk=not args.no_topk,
         merge=not args.no_merge,

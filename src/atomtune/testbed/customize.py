@@ -20,6 +20,7 @@ from ..diffusion.images import save_png
 from ..errors import AtomtuneError
 from .digits import COLORS, PLACES, SIZES, WORDS, Attributes, load_digits, render_batch, split_indices
 from .judges import alignment, fidelity, ink_mask, load_classifier
+from .pipeline import to_pil
 
 TOKEN = "sks"
 SUBJECT = f"{TOKEN} digit"
@@ -39,21 +40,14 @@ class Prompt:
     attributes: Attributes | None
 
 
-def to_pil(images: torch.Tensor) -> list:
-    """(B, 3, H, W) in [0, 1] → PIL images."""
-    from PIL import Image
-
-    arrays = (images.nan_to_num(0.0).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in arrays]
-
-
-def real_glyphs(digit: int, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` real handwritten samples of ``digit`` from the training split, picked by ``seed``."""
+def real_glyphs(digits: list[int], count: int, seed: int = 0) -> np.ndarray:
+    """``count`` real handwritten samples of each of ``digits`` from the training split, picked by
+    ``seed``: (len(digits)·count, 8, 8), digit-major."""
     images, labels = load_digits()
     train_idx, _ = split_indices(labels)
-    pool = train_idx[labels[train_idx] == digit]
-    picks = np.random.default_rng(seed).choice(pool, size=count, replace=False)
-    return images[picks]
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(train_idx[labels[train_idx] == d], size=count, replace=False) for d in digits]
+    return images[np.concatenate(picks)]
 
 
 def instance_images(digit: int, count: int = 5, seed: int = 0) -> torch.Tensor:
@@ -63,14 +57,14 @@ def instance_images(digit: int, count: int = 5, seed: int = 0) -> torch.Tensor:
 
     rng = np.random.default_rng([seed, 1])
     attrs = [random_attributes(digit, rng) for _ in range(count)]
-    return render_batch(real_glyphs(digit, count, seed), attrs)
+    return render_batch(real_glyphs([digit], count, seed), attrs)
 
 
 def style_images(holdout: int, count: int = 5, seed: int = 0) -> torch.Tensor:
     """The style's instance images: other digits, large and centred, in magenta strokes."""
     rng = np.random.default_rng(seed)
     digits = rng.choice([d for d in range(10) if d != holdout], size=count, replace=False)
-    glyphs = np.stack([real_glyphs(int(d), 1, seed + i)[0] for i, d in enumerate(digits)])
+    glyphs = real_glyphs([int(d) for d in digits], 1, seed)
     white = render_batch(glyphs, [Attributes(int(d), "white", "large", "in the center") for d in digits])
     ink = (white + 1) / 2  # white strokes: intensity in every channel
     return ink * torch.tensor(STYLE_RGB)[:, None, None] * 2 - 1

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ..diffusion.images import grid, save_json, save_png, save_text
+from ..selection import share_masks
 from . import customize as cz
 from .judges import load_classifier
+from .pipeline import digit_pipeline, to_pil
 
 SWEEP_PROMPT = f"a large red {cz.SUBJECT}"
 
@@ -35,7 +37,6 @@ def run_demo(
 ) -> dict[str, Any]:
     from ..diffusion.analysis import calibrate, heatmap, sweep
     from ..diffusion.pipeline import spec_for
-    from .pipeline import digit_pipeline
 
     settings = settings or DemoSettings()
     began = time.perf_counter()
@@ -80,7 +81,7 @@ def run_demo(
         trainable = result.tuned.num_trainable_parameters()
     finally:
         result.tuned.unload()
-    pil_before, pil_after = _enlarge_all(cz.to_pil(images_before)), _enlarge_all(cz.to_pil(images_after))
+    pil_before, pil_after = _enlarge_all(to_pil(images_before)), _enlarge_all(to_pil(images_after))
     rows = [pil_before[i * 5 : (i + 1) * 5] + pil_after[i * 5 : (i + 1) * 5] for i in range(5)]
     save_png(grid(rows, ["before"] + [""] * 4 + ["after"] + [""] * 4), out / "images.png")
     summary = {
@@ -110,15 +111,8 @@ def _enlarge_all(images: list, factor: int = 3) -> list:
 
 def _share_for_most(contribution, share: float = 0.9) -> float:
     """Mean over modules of the fraction of atoms that carry ``share`` of the module's contribution."""
-    fractions = []
-    for values in contribution.values():
-        ordered = values.double().sort(descending=True).values
-        total = float(ordered.sum())
-        if total <= 0:
-            continue
-        needed = int((ordered.cumsum(0) < share * total).sum()) + 1
-        fractions.append(needed / len(ordered))
-    return sum(fractions) / max(len(fractions), 1)
+    masks = share_masks(contribution, share, per_module=True)
+    return sum(float(m.float().mean()) for m in masks.values()) / max(len(masks), 1)
 
 
 def _markdown(s: dict[str, Any]) -> str:

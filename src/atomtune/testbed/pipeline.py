@@ -49,6 +49,14 @@ def sample(
     return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
 
+def to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [0, 1] → PIL images (NaN, from a diverged adapter, becomes black)."""
+    from PIL import Image
+
+    arrays = (images.nan_to_num(0.0).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
+
+
 class DigitSpec(PixArtSpec):
     """Pixel space (images are the latents), MiniLM captions, 24x24 canvases."""
 
@@ -75,15 +83,13 @@ class DigitSpec(PixArtSpec):
 
     @torch.no_grad()
     def generate(self, prompt, negative, seed, steps, guidance_scale, height, width):
-        from PIL import Image
-
         if (height, width) != (CANVAS, CANVAS):
             self.check_resolution(height, width)
             raise ValueError(f"the testbed model draws {CANVAS}x{CANVAS} images only")
         image = sample(
             self.pipe.transformer, self.pipe.scheduler, prompt, negative, [int(seed)], steps, guidance_scale
         )
-        return Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+        return to_pil(image)[0]
 
 
 class DigitPipeline(DiffusionPipeline):
