@@ -113,3 +113,16 @@ def test_demo_writes_its_folder(tmp_path, capsys):
         assert 0 <= summary["before"][key] <= 1 and 0 <= summary["after"][key] <= 1
     assert summary["before"]["prior"] >= 0.8  # the shipped model draws the other digits
     assert "atomtune demo" in capsys.readouterr().out
+
+
+def test_demo_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 2
+    assert "steps and num_atoms must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    assert main(["demo", "--out", str(blocker), "--quiet"]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and errors[0].startswith("atomtune: error: Not a directory")
+    assert str(blocker) in errors[0]
+    assert blocker.read_text() == "keep me"

@@ -113,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AtomtuneError as exc:
         print(f"atomtune: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output folder that is a file, a full disk, no permission: one line
+        print(f"atomtune: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("atomtune: interrupted", file=sys.stderr)
         return 130

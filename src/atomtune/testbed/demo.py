@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..diffusion.images import grid, save_json, save_png, save_text
+from ..errors import AtomtuneError
 from ..selection import share_masks
 from . import customize as cz
 from .judges import load_classifier
@@ -30,6 +31,10 @@ class DemoSettings:
     num_atoms: int = 66
     seed: int = 0
     holdout_digit: int = 9
+
+    def __post_init__(self) -> None:  # fail before the model loads and anything is written
+        if self.steps < 1 or self.learning_rate <= 0 or self.num_atoms < 1 or self.seed < 0:
+            raise AtomtuneError("demo: steps and num_atoms must be >= 1, learning_rate > 0, seed >= 0")
 
 
 def run_demo(
