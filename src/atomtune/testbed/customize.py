@@ -64,7 +64,7 @@ def style_images(holdout: int, count: int = 5, seed: int = 0) -> torch.Tensor:
     """The style's instance images: other digits, large and centred, in magenta strokes."""
     rng = np.random.default_rng(seed)
     digits = rng.choice([d for d in range(10) if d != holdout], size=count, replace=False)
-    glyphs = real_glyphs([int(d) for d in digits], 1, seed)
+    glyphs = np.concatenate([real_glyphs([int(d)], 1, seed + i) for i, d in enumerate(digits)])
     white = render_batch(glyphs, [Attributes(int(d), "white", "large", "in the center") for d in digits])
     ink = (white + 1) / 2  # white strokes: intensity in every channel
     return ink * torch.tensor(STYLE_RGB)[:, None, None] * 2 - 1
