@@ -34,7 +34,9 @@ def runs(tmp_path_factory):
     dog = dreambooth_images(root / "data" / "dog", "dog", 4)
     cartoon = dreambooth_images(root / "data" / "red_cartoon", "red_cartoon", 3)
     settings = root / "settings.yaml"
-    settings.write_text("pretrained: tiny\nmethod: atoms\nnum_atoms: 8\nlearning_rate: 0.01\nmax_steps: 3\n")
+    settings.write_text(
+        "pretrained: tiny\nmethod: atoms\nnum_atoms: 8\natom_budget: 0\nlearning_rate: 0.01\nmax_steps: 3\n"
+    )
     with one_thread():
         for data, prompt, out in ((dog, "a sks dog", "dog"), (cartoon, "a sks cartoon", "style")):
             argv = ["train", "--config", str(settings), "--instance-data", str(data), "--quiet"]
@@ -294,3 +296,29 @@ def test_readme_diffusion_commands_run_as_written(tmp_path, monkeypatch, capsys)
     written += ["out/atoms/heatmap.png", "out/edit/edit_grid.png", "out/merged/overlap.json"]
     for path in written:
         assert (tmp_path / path).is_file(), path
+
+
+def test_a_budget_run_reports_its_true_sparsity_everywhere(tmp_path, capsys):
+    """Default training cuts the dictionary to its budget; the saved adapter, the training record,
+    ``inspect`` and ``atoms`` all report the atoms that are left and how sparse they act."""
+    data = dreambooth_images(tmp_path / "dog", "dog", 4)
+    argv = ["train", "--pretrained", "tiny", "--instance-data", str(data), "--instance-prompt", "a sks dog"]
+    argv += ["--num-atoms", "8", "--atom-budget", "2", "--max-steps", "4", "--lr", "0.01", "--quiet"]
+    with one_thread():
+        assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert all(0 <= h["zero_share"] <= 1 and h["active_per_token"] <= 8 for h in history)
+    assert history[-1]["active_per_token"] <= 2  # after the last cut only 2 atoms can act
+    record = json.loads((adapter / "training.json").read_text())
+    assert record["sparsity"]["live_atoms_per_module"] == 2
+    capsys.readouterr()
+    assert main(["inspect", str(adapter)]) == 0
+    shown = capsys.readouterr().out
+    assert "2.0 per module of a 8-atom dictionary, budget 2" in shown and "atoms active per token" in shown
+    with one_thread():
+        assert main(["atoms", "--pretrained", "tiny", "--adapter", str(adapter), "--out", str(tmp_path / "a"),
+                     "--steps", "2", "--quiet"]) == 0  # fmt: skip
+    assert "2.0 live atoms" in capsys.readouterr().out
+    rankings = json.loads((tmp_path / "a" / "rankings.json").read_text())
+    assert rankings["sparsity"]["mean"]["live_atoms"] == 2

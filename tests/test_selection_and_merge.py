@@ -143,7 +143,7 @@ def test_sum_merge_adds_parameters():
         a, b = atoms.atoms("a")[name], atoms.atoms("b")[name]
         assert torch.equal(merged.W_s, a.W_s + b.W_s) and torch.equal(merged.D, a.D + b.D)
     atoms.add_adapter("c", AtomConfig(num_atoms=6))
-    with pytest.raises(AtomtuneError, match="sum merge needs equal shapes"):
+    with pytest.raises(AtomtuneError, match="sum merge needs dictionaries of one size"):
         atoms.merge("a", "c", "ac", how="sum")
     atoms.add_adapter("t", AtomConfig(num_atoms=4, shrinkage="topk"))
     with pytest.raises(AtomtuneError, match="shrinkage differs"):

@@ -73,4 +73,4 @@ def test_regularization_terms_follow_the_last_forward():
     loss = atoms.regularization_loss()
     assert loss > 0 and loss.requires_grad
     # consumed: a second call without a forward has no sparsity term
-    assert atoms.regularization_terms()["sparsity"] == 0
+    assert atoms.regularization_terms()["l1"] == 0

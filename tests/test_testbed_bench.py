@@ -65,25 +65,32 @@ def test_bench_on_a_reduced_grid_writes_tables_and_resumes(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a large red {}\na small blue {} in the top right corner\n")
     settings = BenchSettings(
-        methods=("atoms", "lora"), seeds=(0,), learning_rates=(1e-3,), steps=2, num_atoms=12,
-        eval_seeds=(0,), prompts=str(prompts),
+        methods=("atoms", "lora"), seeds=(0,), learning_rates=(1e-3,), steps=4, num_atoms=12,
+        atom_budget=2, eval_seeds=(0,), prompts=str(prompts),
     )  # fmt: skip
     out = tmp_path / "bench"
     report = run_bench(settings, out, progress=False)
     table = (out / "bench.md").read_text()
-    for row in ("| pretrained |", "| atoms |", "| lora |", "| merge: sum |", "| merge: concat |"):
+    for row in ("| pretrained |", "| atoms |", "| lora |", "| atoms-random |", "| atoms-dense |"):
+        assert row in table
+    for row in ("| merge: sum |", "| merge: concat |", "| recipe, top 1 |", "| random cuts to 2 |"):
         assert row in table
     assert json.loads((out / "bench.json").read_text())["chosen_learning_rate"] == {
         "atoms": 1e-3,
         "lora": 1e-3,
+        "atoms-random": 1e-3,
+        "atoms-dense": 1e-3,
     }
     for method, rows in report["results"].items():
         for r in rows:
             for key in ("p_target", "alignment", "prior"):
                 assert 0.0 <= r[key] <= 1.0, (method, key)
             assert r["trainable_params"] > 0 and r["adapter_mb"] > 0
-    assert [r["k"] for r in report["topk"]] == [1, 2, 4, 8, 12]
-    assert (out / "topk" / "heatmap.png").is_file() and (out / "runs" / "atoms").is_dir()
+    assert [r["k"] for r in report["topk"]["rows"]] == [1, 1, 2, 2, 2, 12]
+    assert report["topk"]["sparsity"]["live_atoms"]["mean"] <= 2  # the recipe keeps its budget
+    assert report["topk"]["no_cut_sparsity"]["live_atoms"]["mean"] == 12
+    assert 0 <= report["merge"]["shared_atom_ids"] <= 1
+    assert (out / "frontier.png").is_file() and (out / "runs" / "atoms").is_dir()
     # a rerun reads the finished runs instead of training again
     marker = out / "runs" / "lora" / "lr-0.001" / "seed-0" / "result.json"
     stamp = marker.stat().st_mtime_ns

@@ -42,9 +42,29 @@ def _inspect(args: argparse.Namespace) -> None:
             f"{shape['in_features']} -> {shape['out_features']}, heads={shape['heads']}"
         )
     print(
-        f"{len(meta['modules'])} modules, {kept} unmasked atoms, "
+        f"{len(meta['modules'])} modules, {kept} unmasked atoms "
+        f"({kept / max(len(meta['modules']), 1):.1f} per module of a {config.num_atoms}-atom dictionary"
+        f"{f', budget {config.atom_budget}' if config.atom_budget else ''}), "
         f"{sum(t.numel() for t in tensors.values())} stored values"
     )
+    record = Path(args.adapter).expanduser() / "training.json"
+    sparsity = _json_field(record, "sparsity")
+    if isinstance(sparsity, dict) and {"zero_share", "active_per_token"} <= set(sparsity):
+        print(
+            f"training (last tenth): {sparsity['zero_share']:.1%} of the coefficients zero, "
+            f"{sparsity['active_per_token']:.1f} atoms active per token"
+        )
+
+
+def _json_field(path: Path, key: str):
+    """``key`` of a JSON object file, or None when the file is absent or not such an object."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def _fourier(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from .shrinkage import SHRINKAGES
 MODES = ("attention", "linear")
 PLACEMENTS = ("pre_out", "post_out")
 ATTENTION_KINDS = ("self", "cross", "both")
+PRUNE_BY = ("contribution", "random")
 
 
 @dataclass
@@ -45,10 +46,19 @@ class AtomConfig:
             adapted model equals the pretrained one at step 0.
         sparsity_weight: weight of the L1 penalty on the coefficients in ``regularization_loss``.
         orthogonality_weight: weight of the penalty on off-diagonal ``D̂·D̂ᵀ`` (normalised atoms).
+        atom_budget: atoms kept per module at the end of training (``None``: all). Training keeps
+            the atoms of largest contribution at the cuts ``prune_at`` (see ``budget``), and the
+            adapter is pruned to this size once training ends.
+        prune_at: fractions of training at which atoms are cut, geometrically from ``num_atoms``
+            down to ``atom_budget`` (the last cut reaches it).
+        lr_exponent: after a cut leaving ``k`` atoms, the learning rate is raised by
+            ``(num_atoms / k) ** lr_exponent`` (0: unchanged).
+        prune_by: ``"contribution"`` (keep the atoms with the largest ``E|s|·‖d‖``) or
+            ``"random"`` (the control: as many atoms, drawn at random).
     """
 
     mode: str = "attention"
-    num_atoms: int = 256
+    num_atoms: int = 64
     shrinkage: str = "soft"
     topk: int = 16
     lambda_init: float = 1e-3
@@ -61,6 +71,10 @@ class AtomConfig:
     init_scale: float = 1.0
     sparsity_weight: float = 1e-3
     orthogonality_weight: float = 1e-2
+    atom_budget: int | None = None
+    prune_at: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    lr_exponent: float = 0.5
+    prune_by: str = "contribution"
     base_model_name_or_path: str | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -78,6 +92,22 @@ class AtomConfig:
             raise AtomtuneError(f"topk must be a positive integer, got {self.topk!r}")
         if self.lambda_init < 0:
             raise AtomtuneError(f"lambda_init must be >= 0, got {self.lambda_init}")
+        _choice("prune_by", self.prune_by, PRUNE_BY)
+        if self.atom_budget is not None and (
+            not isinstance(self.atom_budget, int)
+            or isinstance(self.atom_budget, bool)
+            or self.atom_budget < 1
+        ):
+            raise AtomtuneError(f"atom_budget must be a positive integer or None, got {self.atom_budget!r}")
+        self.prune_at = list(self.prune_at)
+        if (
+            not self.prune_at
+            or any(not isinstance(f, (int, float)) or not 0 < f <= 1 for f in self.prune_at)
+            or self.prune_at != sorted(self.prune_at)
+        ):
+            raise AtomtuneError(f"prune_at must be increasing fractions in (0, 1], got {self.prune_at!r}")
+        if not isinstance(self.lr_exponent, (int, float)) or not 0 <= self.lr_exponent <= 2:
+            raise AtomtuneError(f"lr_exponent must be in [0, 2], got {self.lr_exponent!r}")
         if self.mode == "linear" and self.target_modules is None:
             raise AtomtuneError("linear mode needs target_modules (a regex on module names)")
 

@@ -87,6 +87,7 @@ class AtomLayer(nn.Module):
         self.disabled = False
         self.listeners: list[Listener] = []
         self.last_sparsity: torch.Tensor | None = None
+        self.last_activity: tuple[torch.Tensor, int, int] | None = None
 
     def add_adapter(
         self,
@@ -126,6 +127,9 @@ class AtomLayer(nn.Module):
         s = atoms.coefficients(z)
         if torch.is_grad_enabled() and atoms.W_s.requires_grad:
             self.last_sparsity = l1_sparsity(s)
+            live = atoms.mask != 0  # atoms cut by a budget do not count as active
+            nonzero = ((s.detach() != 0) & live).sum()
+            self.last_activity = (nonzero, s[..., 0].numel(), int(live.sum()))
         for listener in self.listeners:
             listener(self, s.detach())
         return s

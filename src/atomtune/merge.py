@@ -1,8 +1,9 @@
 """Merge two adapters of one model into a third.
 
-``sum`` is the paper's merge: add the fine-tuned parameters element-wise (same shapes required).
-It works when the two adapters' important atoms rarely share an index, because atom m of one is
-added to atom m of the other; ``atom_overlap`` measures exactly that. ``concat`` stacks the two
+``sum`` is the paper's merge: add the fine-tuned parameters element-wise, atom by atom id (a pruned
+adapter counts as its full dictionary with the removed atoms at zero). It works when the two
+adapters' important atoms rarely share an index, because atom m of one is added to atom m of the
+other; ``atom_overlap`` measures exactly that. ``concat`` stacks the two
 atom sets (our addition): for element-wise shrinkages its update is exactly the sum of both
 adapters' updates. Thresholds λ are averaged by ``sum`` (adding two thresholds would double
 sparsity); masks are united and gains averaged.
@@ -17,6 +18,7 @@ import torch
 
 from .errors import AtomtuneError
 from .layer import Atoms
+from .selection import kept_positions
 
 if TYPE_CHECKING:
     from .model import AtomModel
@@ -48,11 +50,12 @@ def merge_adapters(atom_model: AtomModel, first: str, second: str, name: str, ho
     for module, atoms_a in a.items():
         atoms_b, heads = b[module], layers[module].heads
         if how == "sum":
-            if atoms_a.W_s.shape != atoms_b.W_s.shape or atoms_a.D.shape != atoms_b.D.shape:
+            if ca.num_atoms != cb.num_atoms or atoms_a.D.shape[1] != atoms_b.D.shape[1]:
                 raise AtomtuneError(
-                    f"sum merge needs equal shapes; {module}: {tuple(atoms_a.D.shape)} vs {tuple(atoms_b.D.shape)}"
+                    f"sum merge needs dictionaries of one size; {module}: {ca.num_atoms} atoms of "
+                    f"{atoms_a.D.shape[1]} vs {cb.num_atoms} of {atoms_b.D.shape[1]}"
                 )
-            merged[module] = _sum(atoms_a, atoms_b)
+            merged[module] = _sum(atoms_a, atoms_b, heads, ca.num_atoms)
         else:
             merged[module] = _concat(atoms_a, atoms_b, heads, offset=ca.num_atoms)
     config = dataclasses.replace(ca, num_atoms=ca.num_atoms + cb.num_atoms) if how == "concat" else ca
@@ -63,14 +66,69 @@ def merge_adapters(atom_model: AtomModel, first: str, second: str, name: str, ho
                 getattr(atoms, key).copy_(value)
 
 
-def _sum(a: Atoms, b: Atoms) -> dict[str, torch.Tensor]:
+def _sum(a: Atoms, b: Atoms, heads: int, num_atoms: int) -> dict[str, torch.Tensor]:
+    """Atom ``m`` of one plus atom ``m`` of the other, by atom id.
+
+    A pruned adapter is the full dictionary with its removed atoms at zero, so both are laid out
+    over all ``num_atoms`` ids first: an atom only one adapter kept passes unchanged, atoms both
+    kept are added (λ and gain averaged), and only ids kept by either survive. Unpruned adapters
+    of one size are simply added element-wise.
+    """
+    full_a, full_b = _full(a, num_atoms), _full(b, num_atoms)
+    in_a, in_b = full_a.pop("real"), full_b.pop("real")
+    both = (in_a & in_b).to(a.lam.dtype)
+    one = 1 - both / 2  # 1 where only one adapter has the atom, 1/2 where both have it
+
+    def mean(key: str) -> torch.Tensor:
+        return (full_a[key] * in_a + full_b[key] * in_b) * one
+
+    out = {
+        "W_s": full_a["W_s"] + full_b["W_s"],
+        "D": full_a["D"] + full_b["D"],
+        "lam": mean("lam"),
+        "mask": torch.maximum(full_a["mask"], full_b["mask"]),
+        "gain": mean("gain"),
+        "atom_ids": torch.arange(num_atoms, device=a.atom_ids.device),
+    }
+    index = kept_positions(in_a | in_b, heads)
+    real, safe = index >= 0, index.clamp(min=0)
+    gathered = {key: value[..., safe] if key == "W_s" else value[safe] for key, value in out.items()}
+    return _inert_pads(gathered, real)
+
+
+def _full(atoms: Atoms, num_atoms: int) -> dict[str, torch.Tensor]:
+    """An adapter's tensors over the whole dictionary (row ``m`` = atom id ``m``; absent atoms zero)."""
+    real = atoms.atom_ids >= 0
+    ids = atoms.atom_ids[real]
+    if len(ids) and int(ids.max()) >= num_atoms:
+        raise AtomtuneError(f"atom id {int(ids.max())} is beyond the dictionary's {num_atoms} atoms")
+    present = torch.zeros(num_atoms, dtype=torch.bool, device=ids.device)
+    present[ids] = True
+    out = {"real": present}
+    for key in ("W_s", "D", "lam", "mask", "gain"):
+        value = getattr(atoms, key).detach()
+        if key == "lam":
+            value = value.abs()
+        if key == "W_s":
+            full = value.new_zeros(value.shape[0], num_atoms)
+            full[:, ids] = value[:, real]
+        else:
+            full = value.new_zeros((num_atoms, *value.shape[1:]))
+            full[ids] = value[real]
+        out[key] = full
+    return out
+
+
+def _inert_pads(tensors: dict[str, torch.Tensor], real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Padding atoms (to give every head the same width) do nothing: zero weights, masked, id -1."""
+    r = real.to(tensors["D"].dtype)
     return {
-        "W_s": a.W_s + b.W_s,
-        "D": a.D + b.D,
-        "lam": (a.lam.abs() + b.lam.abs()) / 2,
-        "mask": torch.maximum(a.mask, b.mask),
-        "gain": (a.gain + b.gain) / 2,
-        "atom_ids": a.atom_ids,
+        "W_s": tensors["W_s"] * r,
+        "D": tensors["D"] * r[:, None],
+        "lam": tensors["lam"],
+        "mask": tensors["mask"] * r,
+        "gain": tensors["gain"],
+        "atom_ids": torch.where(real, tensors["atom_ids"], torch.full_like(tensors["atom_ids"], -1)),
     }
 
 

@@ -203,7 +203,8 @@ class AtomModel:
 
     # -- training -------------------------------------------------------------------------------
     def regularization_terms(self) -> dict[str, torch.Tensor]:
-        """Sparsity (mean |S| of the last forward) and orthogonality, averaged over adapted modules."""
+        """The penalties' values: ``l1`` (mean |S| of the last forward) and ``orthogonality``, averaged
+        over adapted modules (so each module feels ``weight / modules``)."""
         sparsity, ortho = [], []
         for layer in self.layers().values():
             atoms = layer.active
@@ -215,17 +216,30 @@ class AtomModel:
             ortho.append(orthogonality(atoms.D))
         zero = torch.zeros((), device=next(self.model.parameters()).device)
         return {
-            "sparsity": torch.stack(sparsity).mean() if sparsity else zero,
+            "l1": torch.stack(sparsity).mean() if sparsity else zero,
             "orthogonality": torch.stack(ortho).mean() if ortho else zero,
         }
+
+    def activity(self) -> dict[str, float]:
+        """True sparsity of the last training forward, averaged over adapted modules: the share of
+        zero coefficients among live (unmasked) atoms, and the live atoms active per token."""
+        zero, active = [], []
+        for layer in self.layers().values():
+            if layer.active is None or layer.last_activity is None:
+                continue
+            nonzero, tokens, live = layer.last_activity
+            layer.last_activity = None
+            active.append(float(nonzero) / tokens)
+            zero.append(1.0 - active[-1] / max(live, 1))
+        if not active:
+            return {}
+        return {"zero_share": sum(zero) / len(zero), "active_per_token": sum(active) / len(active)}
 
     def regularization_loss(self) -> torch.Tensor:
         """``sparsity_weight·L1(S) + orthogonality_weight·‖offdiag(D̂D̂ᵀ)‖²``; call once after each forward."""
         config = self.configs[self.active_adapter]
         terms = self.regularization_terms()
-        return (
-            config.sparsity_weight * terms["sparsity"] + config.orthogonality_weight * terms["orthogonality"]
-        )
+        return config.sparsity_weight * terms["l1"] + config.orthogonality_weight * terms["orthogonality"]
 
     # -- steering -------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, torch.Tensor], adapter: str | None = None) -> None:

@@ -76,7 +76,7 @@ def prune(atom_model: AtomModel, adapter: str | None = None) -> dict[str, int]:
         if adapter not in layer.adapters:
             continue
         old: Atoms = layer.adapters[adapter]
-        index = _kept_positions(old.mask != 0, layer.heads)
+        index = kept_positions(old.mask != 0, layer.heads)
         new = Atoms(old.W_s.shape[0], old.D.shape[1], len(index), config).to(old.D.device, old.D.dtype)
         new.atom_ids = new.atom_ids.to(old.atom_ids.device)
         with torch.no_grad():
@@ -96,7 +96,7 @@ def prune(atom_model: AtomModel, adapter: str | None = None) -> dict[str, int]:
     return sizes
 
 
-def _kept_positions(keep: torch.Tensor, heads: int) -> torch.Tensor:
+def kept_positions(keep: torch.Tensor, heads: int) -> torch.Tensor:
     """Positions of kept atoms, head by head, padded with -1 to the same count per head."""
     per_head = keep.cpu().view(heads, -1)
     width = max(1, int(per_head.sum(1).max()))

@@ -41,11 +41,17 @@ class AtomStatistics:
             if self._observe in layer.listeners:
                 layer.listeners.remove(self._observe)
 
+    def reset(self) -> None:
+        """Forget what was seen (a budget's cut starts a new window)."""
+        self.abs_sum, self.nonzero, self.tokens = {}, {}, {}
+
     def _observe(self, layer: AtomLayer, s: torch.Tensor) -> None:
+        # accumulated where ``s`` lives (no device sync per forward); read out on the CPU
         name = self._names[id(layer)]
         flat = s.reshape(-1, s.shape[-1])
-        abs_sum = flat.abs().sum(0, dtype=torch.float64).cpu()
-        nonzero = (flat != 0).sum(0).to(torch.float64).cpu()
+        dtype = torch.float32 if flat.device.type == "mps" else torch.float64
+        abs_sum = flat.abs().sum(0, dtype=dtype)
+        nonzero = (flat != 0).sum(0).to(dtype)
         if name in self.abs_sum and self.abs_sum[name].shape == abs_sum.shape:
             self.abs_sum[name] += abs_sum
             self.nonzero[name] += nonzero
@@ -54,11 +60,11 @@ class AtomStatistics:
             self.abs_sum[name], self.nonzero[name], self.tokens[name] = abs_sum, nonzero, flat.shape[0]
 
     def mean_abs(self) -> dict[str, torch.Tensor]:
-        return {n: v / self.tokens[n] for n, v in self.abs_sum.items()}
+        return {n: v.double().cpu() / self.tokens[n] for n, v in self.abs_sum.items()}
 
     def frequency(self) -> dict[str, torch.Tensor]:
         """``P(s_m ≠ 0)`` per module."""
-        return {n: v / self.tokens[n] for n, v in self.nonzero.items()}
+        return {n: v.double().cpu() / self.tokens[n] for n, v in self.nonzero.items()}
 
     def contribution(self) -> dict[str, torch.Tensor]:
         """``E|s_m|·‖d_m‖`` per module: the importance that selection ranks by."""
@@ -80,6 +86,35 @@ class AtomStatistics:
                 "frequency": freq[name][order].tolist(),
             }
         return out
+
+    def sparsity(self, share: float = 0.9) -> dict[str, Any]:
+        """True sparsity, over live atoms (mask ≠ 0; pruning pads and budget cuts are not atoms):
+
+        - ``zero_share``: the share of zero coefficients;
+        - ``active_per_token``: live atoms with a non-zero coefficient per token (``Σ_m P(s_m≠0)``);
+        - ``atoms_for_share``: the fewest atoms carrying ``share`` of the module's contribution.
+
+        Per module, and the mean over modules (``mean``).
+        """
+        from .selection import share_masks
+
+        atoms = self.atom_model.atoms()
+        contribution, freq = self.contribution(), self.frequency()
+        modules = {}
+        for name, contrib in contribution.items():
+            live = (atoms[name].mask != 0).cpu()
+            n_live = int(live.sum())
+            active = float(freq[name][live].sum())
+            carrying = int(share_masks({name: contrib * live}, share)[name].sum())
+            modules[name] = {
+                "live_atoms": n_live,
+                "zero_share": 1.0 - active / max(n_live, 1),
+                "active_per_token": active,
+                "atoms_for_share": carrying,
+            }
+        keys = ("live_atoms", "zero_share", "active_per_token", "atoms_for_share")
+        mean = {k: sum(m[k] for m in modules.values()) / max(len(modules), 1) for k in keys}
+        return {"share": share, "mean": mean, "modules": modules}
 
     def save_json(self, path: str | Path) -> None:
         from .serialization import atomic_write

@@ -38,6 +38,7 @@ class AnalysisResult:
     rankings: Path
     heatmap: Path
     contribution: dict[str, torch.Tensor]
+    sparsity: dict[str, Any] = field(default_factory=dict)
     sweep: Path | None = None
     sweep_images: list[Path] = field(default_factory=list)
     ks: list[int] = field(default_factory=list)
@@ -135,7 +136,7 @@ def sweep(
     progress: bool = False,
 ) -> tuple[list[int], list[Any]]:
     """The same prompt and seed with only the top-k atoms of every module active, for each k."""
-    ks = ks or sweep_ks(max(len(v) for v in contribution.values()))
+    ks = ks or sweep_ks(max(tuned.live_atoms().values()))  # pads of a pruned adapter are no atoms
     encoded, negative = spec.encode_prompts([prompt]), spec.encode_prompts([""])
     images = []
     try:
@@ -195,6 +196,7 @@ def analyze(
             "timesteps": timesteps,
             "guidance_scale": guidance_scale,
             "size": [height, width],
+            "sparsity": stats.sparsity(),
             "modules": stats.report(),
         }
         rankings = save_json(document, out / "rankings.json")
@@ -203,7 +205,7 @@ def analyze(
             out / "heatmap.png",
             f"atom contribution: {'/'.join(Path(adapter).resolve().parts[-2:])}",
         )
-        result = AnalysisResult(out, rankings, heat, contribution)
+        result = AnalysisResult(out, rankings, heat, contribution, document["sparsity"])
         if do_sweep:
             prompt = sweep_prompt or prompts[0]
             seed = seeds[0] if sweep_seed is None else sweep_seed

@@ -14,7 +14,19 @@ from pathlib import Path
 from ..errors import AtomtuneError
 from .pipeline import DEFAULT_PRETRAINED, TINY
 
+
+def float_list(text: str) -> list[float]:
+    """``"0.25,0.5"`` → ``[0.25, 0.5]`` (an argparse type)."""
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from exc
+
+
 ATOM_FLAGS = {  # flag → AtomConfig field, for the atoms method's most used settings
+    "prune_at": float_list,
+    "lr_exponent": float,
+    "prune_by": str,
     "shrinkage": str,
     "lambda_init": float,
     "sparsity_weight": float,
@@ -117,7 +129,15 @@ def _add_train(sub) -> None:
     p.add_argument("--num-class-images", type=int, default=None, help="(default: 50; generated when missing)")
     p.add_argument("--prior-loss-weight", type=float, default=None)
     p.add_argument("--method", default=None, help="atoms, lora, dora or oft (default: atoms)")
-    p.add_argument("--num-atoms", type=int, default=None, help="atoms per attention module (default: 256)")
+    p.add_argument(
+        "--num-atoms", type=int, default=None, help="atoms per attention module to start with (default: 64)"
+    )
+    p.add_argument(
+        "--atom-budget",
+        type=int,
+        default=None,
+        help="atoms kept per module: the rest are cut by contribution during training (default: 6; 0 keeps all)",
+    )
     p.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank (default: 16)")
     p.add_argument("--oft-r", type=int, default=None, help="OFT blocks (default: 4)")
     for flag, kind in ATOM_FLAGS.items():
@@ -229,6 +249,12 @@ def _atoms(args: argparse.Namespace) -> None:
         **_loading_kwargs(args),
     )
     print(f"wrote {result.rankings} and {result.heatmap}")
+    mean = result.sparsity["mean"]
+    print(
+        f"per module (mean): {mean['live_atoms']:.1f} live atoms, {mean['zero_share']:.1%} of the "
+        f"coefficients zero, {mean['active_per_token']:.1f} atoms active per token, "
+        f"{mean['atoms_for_share']:.1f} atoms carry {result.sparsity['share']:.0%} of the contribution"
+    )
     if result.sweep:
         print(f"wrote the sweep (k = {', '.join(map(str, result.ks))}): {result.sweep}")
 

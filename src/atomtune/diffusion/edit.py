@@ -78,6 +78,7 @@ def edit(
         pretrained=pipeline_name(pipe),
         method="atoms",
         num_atoms=num_atoms,
+        atom_budget=0,  # every atom trains: the edit removes the unimportant ones afterwards
         atoms=dict(atoms or {}),
         epochs=epochs,
         learning_rate=learning_rate,

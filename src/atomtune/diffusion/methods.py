@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..budget import AtomBudgetRun
 from ..config import AtomConfig
 from ..errors import AtomtuneError
 from ..model import AtomModel
@@ -34,6 +35,10 @@ from .images import save_json
 from .pipeline import PixArtSpec
 
 METHODS = ("atoms", "lora", "dora", "oft")
+# Atoms on PixArt-Σ: 64 per attention module is LoRA r=16's parameter count there (2·1152·64 + 64 =
+# 147,520 against 4·16·2·1152 = 147,456), cut to 6 (9%) during training, as measured on the testbed.
+DEFAULT_NUM_ATOMS = 64
+DEFAULT_ATOM_BUDGET = 6
 SIDECAR = "atomtune.json"
 TARGET_MODULES = PixArtSpec.target_modules
 
@@ -43,10 +48,11 @@ class MethodConfig:
     """Which method, and its few settings (the rest are the paper's or the core's defaults)."""
 
     method: str = "atoms"
-    num_atoms: int = 256
+    num_atoms: int = DEFAULT_NUM_ATOMS
     rank: int = 16
     oft_r: int = 4
     atoms: dict[str, Any] = field(default_factory=dict)  # further AtomConfig fields
+    atom_budget: int = DEFAULT_ATOM_BUDGET  # atoms kept per module after training; 0 keeps all
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -54,15 +60,31 @@ class MethodConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise AtomtuneError(f"{name} must be a positive integer, got {value!r}")
-        reserved = sorted(set(self.atoms) & {"num_atoms", "mode", "base_model_name_or_path"})
+        if (
+            not isinstance(self.atom_budget, int)
+            or isinstance(self.atom_budget, bool)
+            or self.atom_budget < 0
+        ):
+            raise AtomtuneError(
+                f"atom_budget must be an integer >= 0 (0: keep all), got {self.atom_budget!r}"
+            )
+        reserved = {"num_atoms", "atom_budget", "mode", "base_model_name_or_path"}
+        reserved = sorted(set(self.atoms) & reserved)
         if reserved:
             raise AtomtuneError(f"set {reserved[0]} through its own option, not in the atoms settings")
         if self.method == "atoms":
             self.atom_config()  # validate early
 
     def atom_config(self, base: str | None = None) -> AtomConfig:
+        budget = self.atom_budget if 0 < self.atom_budget < self.num_atoms else None
         return AtomConfig.from_dict(
-            {"num_atoms": self.num_atoms, **self.atoms, "mode": "attention", "base_model_name_or_path": base}
+            {
+                "num_atoms": self.num_atoms,
+                "atom_budget": budget,
+                **self.atoms,
+                "mode": "attention",
+                "base_model_name_or_path": base,
+            }
         )
 
     def peft_config(self, base: str | None = None):
@@ -84,8 +106,9 @@ class MethodConfig:
     def describe(self) -> str:
         if self.method == "atoms":
             c = self.atom_config()
+            kept = f", cut to {c.atom_budget} by contribution" if c.atom_budget else ""
             return (
-                f"atoms: {c.num_atoms} per attention module ({c.attention}-attention, {c.placement}), "
+                f"atoms: {c.num_atoms} per attention module{kept} ({c.attention}-attention, {c.placement}), "
                 f"shrinkage {c.shrinkage}, L1 weight {c.sparsity_weight}, orthogonality weight "
                 f"{c.orthogonality_weight}"
             )
@@ -137,6 +160,26 @@ class Tuned:
         """The method's extra loss for the last forward and its terms (atoms only); call once per forward."""
         return None, {}
 
+    # -- hooks of the training loop (atoms: the budget's cuts; the baselines have none) ------------
+    def start_training(self, total_steps: int, seed: int) -> None:
+        """Called once before the first step."""
+
+    def after_step(self, step: int) -> float | None:
+        """Called after each optimizer step; a number asks the loop to set lr = base lr x number."""
+        return None
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors beyond the trainable parameters that a checkpoint must keep for an exact resume."""
+        return {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``training_state`` returned; refuse tensors this run does not have."""
+        if tensors:
+            raise AtomtuneError(f"holds tensors this adapter does not have ({sorted(tensors)[0]})")
+
+    def finish_training(self) -> None:
+        """Called once after the last step, before the adapter is saved."""
+
     @contextmanager
     def disable(self) -> Iterator[None]:
         raise NotImplementedError
@@ -165,6 +208,7 @@ class AtomTuned(Tuned):
     def __init__(self, handle: AtomModel, pretrained: str | None) -> None:
         super().__init__(handle.model, pretrained)
         self.handle = handle
+        self._budget: AtomBudgetRun | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.handle.trainable_parameters()
@@ -172,10 +216,32 @@ class AtomTuned(Tuned):
     def regularization(self) -> tuple[torch.Tensor, dict[str, float]]:
         config = self.handle.configs[self.handle.active_adapter]
         terms = self.handle.regularization_terms()
-        loss = (
-            config.sparsity_weight * terms["sparsity"] + config.orthogonality_weight * terms["orthogonality"]
-        )
-        return loss, {k: float(v.detach()) for k, v in terms.items()}
+        loss = config.sparsity_weight * terms["l1"] + config.orthogonality_weight * terms["orthogonality"]
+        return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **self.handle.activity()}
+
+    def live_atoms(self) -> dict[str, int]:
+        """Atoms per module that can act (mask ≠ 0): pads and cut atoms do not count."""
+        return {name: int((a.mask != 0).sum()) for name, a in self.handle.atoms().items()}
+
+    def start_training(self, total_steps: int, seed: int) -> None:
+        self._budget = AtomBudgetRun.start(self.handle, total_steps, seed)
+
+    def after_step(self, step: int) -> float | None:
+        return None if self._budget is None else self._budget.after_step(step)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        return {} if self._budget is None else self._budget.state()
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self._budget is None:
+            super().load_training_state(tensors)
+        else:
+            self._budget.load_state(tensors)
+
+    def finish_training(self) -> None:
+        if self._budget is not None:
+            self._budget.finish()
+            self._budget = None
 
     @contextmanager
     def disable(self) -> Iterator[None]:

@@ -30,13 +30,13 @@ from .. import __version__
 from ..errors import AtomtuneError
 from .data import check_prompts, list_images, load_images, open_image, square_crop, to_tensor
 from .images import grid, save_json, save_png, save_text
-from .methods import MethodConfig, Tuned, apply_method
+from .methods import DEFAULT_ATOM_BUDGET, DEFAULT_NUM_ATOMS, MethodConfig, Tuned, apply_method
 from .pipeline import DEFAULT_PRETRAINED, PixArtSpec, Prompts, load_pipeline, pipeline_name, spec_for
 
 OPTIMIZERS = ("came", "adamw")
 PRECISIONS = ("no", "bf16", "fp16")
 #: settings that fix the adapter's shape: a checkpoint only resumes into the same ones
-STRUCTURE = ("method", "num_atoms", "rank", "oft_r", "atoms")
+STRUCTURE = ("method", "num_atoms", "atom_budget", "rank", "oft_r", "atoms")
 GENERATOR = "loop_generator"  # the loop's RNG state, kept with the trained tensors in a checkpoint
 
 
@@ -57,7 +57,8 @@ class TrainSettings:
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
     method: str = "atoms"
-    num_atoms: int = 256
+    num_atoms: int = DEFAULT_NUM_ATOMS
+    atom_budget: int = DEFAULT_ATOM_BUDGET
     rank: int = 16
     oft_r: int = 4
     atoms: dict[str, Any] = field(default_factory=dict)
@@ -135,7 +136,9 @@ class TrainSettings:
         check_prompts(self.instance_prompt, self.token, self.class_prompt)
 
     def method_config(self) -> MethodConfig:
-        return MethodConfig(self.method, self.num_atoms, self.rank, self.oft_r, dict(self.atoms))
+        return MethodConfig(
+            self.method, self.num_atoms, self.rank, self.oft_r, dict(self.atoms), self.atom_budget
+        )
 
     def structure(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in STRUCTURE}
@@ -322,14 +325,15 @@ def _fit(settings, pipe, spec, accelerator, data: _Data, out, resume_dir, resolu
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + accelerator.process_index)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = math.ceil(data.num_instance / (settings.batch_size * world))
+    total = settings.max_steps or settings.epochs * steps_per_epoch
+    tuned.start_training(total, settings.seed)  # atoms with a budget: the cuts' schedule
     start_step, history = 0, []
     if resume_dir is not None:
         start_step, history = _load_checkpoint(
             resume_dir, settings, tuned, optimizer, generator, accelerator.process_index
         )
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = math.ceil(data.num_instance / (settings.batch_size * world))
-    total = settings.max_steps or settings.epochs * steps_per_epoch
 
     samples: list[Path] = []
     checkpoints: list[Path] = []
@@ -370,6 +374,10 @@ def _fit(settings, pipe, spec, accelerator, data: _Data, out, resume_dir, resolu
             accelerator.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        lr_factor = tuned.after_step(step)  # an atom budget's cut raises the rate for the survivors
+        if lr_factor is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = settings.learning_rate * lr_factor
         record.update(loss=loss.item(), total=total_loss.item(), **terms)
         history.append(record)
         bar.update(1)
@@ -384,6 +392,7 @@ def _fit(settings, pipe, spec, accelerator, data: _Data, out, resume_dir, resolu
                 checkpoints.append(_save_checkpoint(out, step, settings, tuned, optimizer, states, history))
             accelerator.wait_for_everyone()
     bar.close()
+    tuned.finish_training()  # atoms with a budget: pruned to the atoms kept
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # the pipeline's transformer, as it was
     pipe.transformer.eval()
@@ -463,9 +472,10 @@ def _batch_indices(step: int, n: int, batch: int, world: int, rank: int, seed: i
 
 def _postfix(record: dict[str, float]) -> dict[str, str]:
     out = {"loss": f"{record['loss']:.4f}"}
-    if "sparsity" in record:
-        out["sparsity"] = f"{record['sparsity']:.3g}"
-        out["ortho"] = f"{record['orthogonality']:.3g}"
+    if "zero_share" in record:  # atoms: true sparsity first, then the penalties' values
+        out["zeros"] = f"{record['zero_share']:.0%}"
+        out["active/token"] = f"{record['active_per_token']:.1f}"
+        out["l1"] = f"{record['l1']:.3g}"
     return out
 
 
@@ -552,7 +562,7 @@ def _save_checkpoint(out, step, settings, tuned, optimizer, generator_states, hi
     from ..checkpoint import save_training_state
 
     folder = out / "checkpoints" / f"checkpoint-{step:06d}"
-    tensors = dict(_trainable(tuned))
+    tensors = {**_trainable(tuned), **tuned.training_state()}
     tensors.update({f"{GENERATOR}.{rank}": state for rank, state in enumerate(generator_states)})
     extra = {"structure": settings.structure(), "atomtune_version": __version__, "history": history}
     save_training_state(folder, tensors, optimizer, step, extra)
@@ -577,8 +587,14 @@ def _load_checkpoint(path: Path, settings: TrainSettings, tuned: Tuned, optimize
     trainable = _trainable(tuned)
     tensors, step, extra = load_training_state(path, optimizer)
     states = {k: v for k, v in tensors.items() if k.startswith(GENERATOR + ".")}
-    if set(tensors) - set(states) != set(trainable):
+    if not set(trainable) <= set(tensors):
         raise AtomtuneError(f"checkpoint {path} does not hold this adapter's tensors")
+    try:  # the rest belongs to the method (an atom budget's masks); it refuses what it does not know
+        tuned.load_training_state(
+            {k: v for k, v in tensors.items() if k not in trainable and k not in states}
+        )
+    except AtomtuneError as exc:
+        raise AtomtuneError(f"checkpoint {path}: {exc}") from exc
     if f"{GENERATOR}.{rank}" not in states:
         raise AtomtuneError(
             f"checkpoint {path} was written by {len(states)} process(es); this is process {rank}"
@@ -607,8 +623,23 @@ def _training_record(settings, pretrained, resolution, steps, history, n_instanc
         "resolution": resolution,
         "steps": steps,
         "final_loss": history[-1]["loss"] if history else None,
+        "sparsity": _final_sparsity(history, tuned),
         "seconds": round(seconds, 2),
         "settings": settings.to_dict(),
+    }
+
+
+def _final_sparsity(history: list[dict[str, float]], tuned: Tuned) -> dict[str, float] | None:
+    """Atoms: true sparsity over the last tenth of training (share of zero coefficients, live atoms
+    active per token) and the live atoms per module the saved adapter keeps."""
+    tail = [h for h in history[-max(1, len(history) // 10) :] if "zero_share" in h]
+    live = getattr(tuned, "live_atoms", lambda: None)()
+    if not tail or not live:
+        return None
+    return {
+        "zero_share": sum(h["zero_share"] for h in tail) / len(tail),
+        "active_per_token": sum(h["active_per_token"] for h in tail) / len(tail),
+        "live_atoms_per_module": sum(live.values()) / len(live),
     }
 
 
@@ -633,7 +664,7 @@ Trained with atomtune {record["atomtune_version"]}: DreamBooth-style concept cus
 - Optimizer: {s["optimizer"].upper()}, lr {s["learning_rate"]}, weight decay {s["weight_decay"]}
 - Schedule: {record["steps"]} steps ({s["epochs"]} epochs, batch {s["batch_size"]}), seed {s["seed"]}
 - Resolution {record["resolution"]}, mixed precision {s["mixed_precision"]}
-- Final diffusion loss: {_fmt(record["final_loss"])}
+- Final diffusion loss: {_fmt(record["final_loss"])}{_sparsity_line(record.get("sparsity"))}
 
 Use it:
 
@@ -645,6 +676,16 @@ All settings are in `training.json`. The adapter's files: `adapter_config.json` 
 `adapter_model.safetensors` ({"atomtune's format" if record["method"] == "atoms" else "PEFT's format"}),
 `atomtune.json` (method, base model and the shapes the adapter needs).
 """
+
+
+def _sparsity_line(sparsity: dict[str, float] | None) -> str:
+    if not sparsity:
+        return ""
+    return (
+        f"\n- Atoms: {sparsity['live_atoms_per_module']:.1f} live per module; "
+        f"{sparsity['zero_share']:.0%} of the coefficients are zero, "
+        f"{sparsity['active_per_token']:.1f} atoms active per token (last tenth of training)"
+    )
 
 
 def _fmt(value: float | None) -> str:

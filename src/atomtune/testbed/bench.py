@@ -1,11 +1,13 @@
 """``atomtune testbed bench``: the mini-DreamBooth benchmark, atoms against LoRA, DoRA and OFT.
 
 Every method goes through the same trainer, optimizer (CAME), steps and learning-rate budget: each
-learning rate of the grid is tried on a selection seed the report does not use; the kept one draws
-the concept best (P(target)) while keeping alignment and the other digits (both ≥ 0.8), and it is
-rerun on every report seed. Then, for atoms: fidelity and alignment as atoms are removed (top-k
-per module, ranked by contribution E|s|·‖d‖ measured while sampling), and a concept + color-style
-merge (sum and concat).
+learning rate of the grid is tried on a selection seed and on selection prompts the report does not
+use; the kept one draws the concept best (P(target)) while keeping alignment and the other digits
+(both ≥ 0.8), and it is rerun on every report seed and judged on the report prompts. Atoms run the
+recipe (a dictionary at LoRA r=16's parameter count, cut by contribution to ``atom_budget`` atoms
+per module during training); at their kept rate two controls run on the report seeds as well: the
+same cuts made at random, and no cut at all. Then ``behaviour``: top-k curves, sparsity, merges,
+and the frontier of every rate tried.
 
 Each run writes its result next to its adapter; a rerun skips runs already done (resume).
 """
@@ -21,15 +23,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion.images import grid, save_json, save_png, save_text
+from ..diffusion.images import save_json, save_png, save_text
 from ..errors import AtomtuneError
-from ..selection import top_k_masks
 from ..serialization import read_json
+from . import behaviour as bh
 from . import customize as cz
 from .judges import load_classifier
-from .pipeline import digit_pipeline, to_pil
+from .pipeline import digit_pipeline
 
 METHODS = ("atoms", "lora", "dora", "oft")
+CONTROLS = {"atoms-random": {"prune_by": "random"}, "atoms-dense": None}  # at atoms' kept rate
 
 
 @dataclass
@@ -40,6 +43,7 @@ class BenchSettings:
     select_seed: int = 100
     steps: int = 300
     num_atoms: int = 66  # 11 per head of 6: 25.4k parameters per attention module, LoRA r=16's 24.6k
+    atom_budget: int = cz.RECIPE_BUDGET  # atoms kept per module by the recipe (9% of 66)
     holdout_digit: int = 9
     instances: int = 5
     eval_seeds: tuple[int, ...] = (0, 1)
@@ -55,6 +59,8 @@ class BenchSettings:
             raise AtomtuneError("methods, seeds, learning rates and eval seeds must not be empty")
         if self.steps < 1 or self.instances < 1 or min(self.learning_rates) <= 0:
             raise AtomtuneError("steps, instances and learning rates must be positive")
+        if not 0 < self.atom_budget <= self.num_atoms:
+            raise AtomtuneError(f"atom budget must be in 1..{self.num_atoms}, got {self.atom_budget}")
         if self.select_seed in self.seeds:
             raise AtomtuneError(f"the selection seed {self.select_seed} must not be a report seed")
 
@@ -62,10 +68,11 @@ class BenchSettings:
 def run_bench(
     settings: BenchSettings, out_dir: str | Path, weights: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Run (or resume) the benchmark; write bench.json and bench.md under ``out_dir``."""
+    """Run (or resume) the benchmark; write bench.json, bench.md and figures under ``out_dir``."""
 
     out = Path(out_dir).expanduser()
     prompts = cz.read_prompts(settings.prompts) if settings.prompts else cz.grid_prompts()
+    chooser = cz.selection_prompts()
     pipe = digit_pipeline(weights)  # bad input fails here, before anything is written
     _check_settings(out, settings, [p.text for p in prompts], weights)
     classifier = load_classifier()
@@ -73,33 +80,27 @@ def run_bench(
     references = cz.instance_images(target, settings.instances)
     instance_dir = cz.write_images(references, out / "instance_images")
     fingerprint = _fingerprint(pipe.transformer)
+    eval_seeds = list(settings.eval_seeds)
 
-    def evaluate(run_dir: Path) -> dict[str, Any]:
-        scores, images = cz.score_concept(
-            pipe, prompts, list(settings.eval_seeds), target, references, classifier
-        )
-        scores["prior"] = cz.score_prior(pipe, target, list(settings.eval_seeds), classifier)
-        save_png(_sheet(images, len(prompts), len(settings.eval_seeds)), run_dir / "images.png")
+    def evaluate(run_dir: Path, judged: list) -> dict[str, Any]:
+        scores, images = cz.score_concept(pipe, judged, eval_seeds, target, references, classifier)
+        scores["prior"] = cz.score_prior(pipe, target, eval_seeds, classifier)
+        save_png(cz.sheet(images, len(judged), len(eval_seeds)), run_dir / "images.png")
         return scores
 
-    def run(method: str, lr: float, seed: int) -> dict[str, Any]:
+    def run(method: str, lr: float, seed: int, judged: list) -> dict[str, Any]:
         run_dir = out / "runs" / method / f"lr-{lr:g}" / f"seed-{seed}"
         done = run_dir / "result.json"
         if done.is_file():
             return read_json(done, "run result")
+        control = CONTROLS.get(method, {})
         result = cz.train_adapter(
-            pipe,
-            method,
-            instance_dir,
-            cz.INSTANCE_PROMPT,
-            run_dir,
-            lr,
-            settings.steps,
-            seed,
-            settings.num_atoms,
-        )
+            pipe, method.split("-")[0], instance_dir, cz.INSTANCE_PROMPT,
+            run_dir, lr, settings.steps, seed, settings.num_atoms,
+            atom_budget=0 if control is None else settings.atom_budget, atoms=control or {},
+        )  # fmt: skip
         try:
-            record = {"method": method, "learning_rate": lr, "seed": seed, **evaluate(run_dir)}
+            record = {"method": method, "learning_rate": lr, "seed": seed, **evaluate(run_dir, judged)}
             record["trainable_params"] = result.tuned.num_trainable_parameters()
             record["adapter_mb"] = cz.adapter_megabytes(result.adapter_dir)
             record["train_seconds"] = result.seconds
@@ -114,42 +115,105 @@ def run_bench(
     if base_file.is_file():
         base = read_json(base_file, "base scores")
     else:
-        base = {"method": "pretrained (no tuning)", **evaluate(out / "base")}
+        base = {"method": "pretrained (no tuning)", **evaluate(out / "base", prompts)}
         save_json(base, base_file)
-    jobs = [(m, lr, settings.select_seed) for m in settings.methods for lr in settings.learning_rates]
-    bar = tqdm(
-        total=len(jobs) + len(settings.methods) * len(settings.seeds), desc="bench", disable=not progress
-    )
+    controls = list(CONTROLS) if "atoms" in settings.methods else []
+    jobs = [(m, lr) for m in settings.methods for lr in settings.learning_rates]
+    reported = [*settings.methods, *controls]
+    bar = tqdm(total=len(jobs) + len(reported) * len(settings.seeds), desc="bench", disable=not progress)
     selection: dict[str, list[dict[str, Any]]] = {m: [] for m in settings.methods}
-    for method, lr, seed in jobs:
-        selection[method].append(run(method, lr, seed))
+    for method, lr in jobs:
+        selection[method].append(run(method, lr, settings.select_seed, chooser))
         bar.update(1)
     chosen = {m: _choose(rows)["learning_rate"] for m, rows in selection.items()}
+    chosen.update({c: chosen["atoms"] for c in controls})
     results: dict[str, list[dict[str, Any]]] = {}
-    for method in settings.methods:
+    for method in reported:
         results[method] = []
         for seed in settings.seeds:
-            results[method].append(run(method, chosen[method], seed))
+            results[method].append(run(method, chosen[method], seed, prompts))
             bar.update(1)
     bar.close()
     report: dict[str, Any] = {
         "settings": asdict(settings),
         "prompts": [p.text for p in prompts],
+        "selection_prompts": [p.text for p in chooser],
         "base": base,
         "chosen_learning_rate": chosen,
         "selection": selection,
         "results": results,
         "summary": {m: _summary(rows) for m, rows in results.items()},
     }
+    bh.frontier_figure(selection, out / "frontier.png")
     if "atoms" in settings.methods:
-        concept = out / "runs" / "atoms" / f"lr-{chosen['atoms']:g}" / f"seed-{settings.seeds[0]}" / "adapter"
+        adapters = {
+            m: [out / "runs" / m / f"lr-{chosen[m]:g}" / f"seed-{s}" / "adapter" for s in settings.seeds]
+            for m in ("atoms", "atoms-dense")
+        }
         if settings.topk:
-            report["topk"] = _topk_curve(pipe, settings, concept, out, prompts, references, classifier)
+            report["topk"] = _topk(pipe, settings, adapters, prompts, references, classifier, base, results)
         if settings.merge:
-            report["merge"] = _merge(pipe, settings, chosen["atoms"], concept, out, references, classifier)
+            style = _style_adapter(pipe, settings, chosen["atoms"], out)
+            report["merge"] = bh.merge_rows(
+                pipe, adapters["atoms"][0], style, target, references, classifier, out / "merge"
+            )
     save_json(report, out / "bench.json")
     save_text(markdown(report), out / "bench.md")
     return report
+
+
+def _topk(pipe, settings, adapters, prompts, references, classifier, base, results) -> dict[str, Any]:
+    """The recipe's adapters with only their top-k atoms kept, and the no-cut control's top-budget."""
+    budget, seeds = settings.atom_budget, list(settings.eval_seeds)
+    ks = sorted({k for k in (1, 2, 4, budget) if k <= budget})
+    args = (prompts, seeds, settings.holdout_digit, references, classifier)
+    recipe = bh.topk_rows(pipe, adapters["atoms"], ks, *args)
+    dense = bh.topk_rows(pipe, adapters["atoms-dense"], [budget], *args)
+    dense_p = statistics.fmean(r["p_target"] for r in results["atoms-dense"])
+    rows = []
+    for k in ks:
+        ps = [a["topk"][k]["p_target"] for a in recipe]
+        rows.append({"atoms": f"recipe, top {k}", "k": k, "p_target": bh.mean_std(ps)})
+        if all(k in a["random"] for a in recipe):
+            ps = [a["random"][k]["p_target"] for a in recipe]
+            rows.append({"atoms": f"recipe, {k} at random", "k": k, "p_target": bh.mean_std(ps)})
+    rows.append(
+        {"atoms": f"random cuts to {budget}", "k": budget, "p_target": _stat(results["atoms-random"])}
+    )
+    rows.append(
+        {"atoms": f"no cut, top {budget} kept after training", "k": budget,
+         "p_target": bh.mean_std([a["topk"][budget]["p_target"] for a in dense])}
+    )  # fmt: skip
+    rows.append(
+        {
+            "atoms": f"no cut, all {settings.num_atoms}",
+            "k": settings.num_atoms,
+            "p_target": _stat(results["atoms-dense"]),
+        }
+    )
+    for row in rows:
+        row["share_of_no_cut_gain"] = bh.gain_share(row["p_target"]["mean"], base["p_target"], dense_p)
+    sparsity = {key: bh.mean_std([a["sparsity"][key] for a in recipe]) for key in recipe[0]["sparsity"]}
+    dense_sparsity = {key: bh.mean_std([a["sparsity"][key] for a in dense]) for key in dense[0]["sparsity"]}
+    return {"rows": rows, "sparsity": sparsity, "no_cut_sparsity": dense_sparsity}
+
+
+def _stat(rows: list[dict[str, Any]], key: str = "p_target") -> dict[str, float]:
+    return bh.mean_std([r[key] for r in rows])
+
+
+def _style_adapter(pipe, settings, lr, out: Path) -> Path:
+    """The magenta style, trained with the same recipe and rate as the concept (first report seed)."""
+    style_dir = cz.write_images(
+        cz.style_images(settings.holdout_digit, settings.instances), out / "style_images"
+    )
+    run = out / "merge" / "style"
+    if not (run / "adapter").is_dir():
+        cz.train_adapter(
+            pipe, "atoms", style_dir, cz.STYLE_PROMPT, run, lr, settings.steps, settings.seeds[0],
+            settings.num_atoms, atom_budget=settings.atom_budget,
+        ).tuned.unload()  # fmt: skip
+    return run / "adapter"
 
 
 KEEP = 0.8  # the learning rate must leave alignment and prior preservation at least this high
@@ -185,14 +249,6 @@ def _check_settings(out: Path, settings: BenchSettings, prompts: list[str], weig
         save_json(current, path)
 
 
-def _sheet(images: torch.Tensor, prompts: int, seeds: int):
-    """Prompts as rows (at most 25), seeds as columns, 3x enlarged."""
-    pil = to_pil(images)
-    rows = [pil[i * seeds : (i + 1) * seeds] for i in range(min(prompts, 25))]
-    sheet = grid(rows)
-    return sheet.resize((sheet.width * 3, sheet.height * 3), 0)
-
-
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("p_target", "feature_cosine", "alignment", "prior", "train_seconds"):
@@ -203,70 +259,6 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["adapter_mb"] = rows[0]["adapter_mb"]
     out["learning_rate"] = rows[0]["learning_rate"]
     return out
-
-
-def _topk_curve(pipe, settings, concept, out, prompts, references, classifier) -> list[dict[str, Any]]:
-    """The first report seed's atoms adapter, ranked by contribution while sampling the prompts,
-    then scored with only the top-k atoms of every module."""
-    from ..diffusion.analysis import calibrate, heatmap, sweep_ks
-    from ..diffusion.methods import load_adapters
-    from ..diffusion.pipeline import pipeline_name, spec_for
-
-    tuned = load_adapters(pipe.transformer, [concept], pipeline_name(pipe))
-    curve = []
-    try:
-        texts = [p.text for p in prompts]
-        stats, _ = calibrate(spec_for(pipe), tuned, texts, [0], cz.SAMPLE_STEPS, cz.GUIDANCE, 24, 24)
-        contribution = stats.contribution()
-        heatmap(contribution, out / "topk" / "heatmap.png", "testbed concept: atom contribution E|s|·‖d‖")
-        seeds = list(settings.eval_seeds)
-        for k in sweep_ks(settings.num_atoms):
-            tuned.handle.set_masks(top_k_masks(contribution, k))
-            scores, _ = cz.score_concept(pipe, prompts, seeds, settings.holdout_digit, references, classifier)
-            curve.append({"k": k, **scores})
-    finally:
-        tuned.unload()
-    save_json(curve, out / "topk" / "curve.json")
-    return curve
-
-
-def _merge(pipe, settings, lr, concept, out, references, classifier) -> dict[str, Any]:
-    """Concept + magenta style adapters, alone and merged (sum, concat), on "a sks digit, zwx style"."""
-    from ..diffusion.methods import load_adapters
-    from ..diffusion.pipeline import pipeline_name
-    from .judges import fidelity
-
-    seed = settings.seeds[0]
-    style_dir = cz.write_images(
-        cz.style_images(settings.holdout_digit, settings.instances), out / "style_images"
-    )
-    style_run = out / "merge" / "style"
-    if not (style_run / "adapter").is_dir():
-        cz.train_adapter(
-            pipe, "atoms", style_dir, cz.STYLE_PROMPT, style_run, lr, settings.steps, seed, settings.num_atoms
-        ).tuned.unload()
-    merged_prompts = [f"a {size} {cz.SUBJECT}, {cz.STYLE_TOKEN} style" for size in ("large", "small")]
-    seeds = list(range(8))
-    rows = {}
-    cases = {
-        "concept only": ([concept], "concat"),
-        "style only": ([style_run / "adapter"], "concat"),
-        "merge: sum": ([concept, style_run / "adapter"], "sum"),
-        "merge: concat": ([concept, style_run / "adapter"], "concat"),
-    }
-    for name, (dirs, how) in cases.items():
-        tuned = load_adapters(pipe.transformer, dirs, pipeline_name(pipe), combine=how)
-        try:
-            images = cz.draw(pipe, merged_prompts, seeds)
-            fid = fidelity(classifier, images, settings.holdout_digit, (references + 1) / 2)
-            rows[name] = {"p_target": fid["p_target"].mean().item(), "style": cz.style_share(images)}
-            save_png(
-                _sheet(images, len(merged_prompts), len(seeds)),
-                out / "merge" / f"{name.replace(': ', '-').replace(' ', '-')}.png",
-            )
-        finally:
-            tuned.unload()
-    return {"prompts": merged_prompts, "seeds": seeds, "rows": rows}
 
 
 def _pm(stat: dict[str, float] | None, digits: int = 3) -> str:
@@ -281,8 +273,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f'Held-out digit {s["holdout_digit"]} from {s["instances"]} real samples, "{cz.INSTANCE_PROMPT}"; '
         f"{s['steps']} steps, CAME; learning rate chosen from {', '.join(f'{x:g}' for x in s['learning_rates'])} "
-        f"on seed {s['select_seed']} (highest P(target) with alignment and prior kept ≥ {KEEP}); mean ± std over seeds {', '.join(map(str, s['seeds']))}; "
-        f"{len(report['prompts'])} prompts x {len(s['eval_seeds'])} samples each.",
+        f"on seed {s['select_seed']} and {len(report['selection_prompts'])} selection prompts (small centred digits, never reported) "
+        f"(highest P(target) with alignment and prior kept ≥ {KEEP}); mean ± std over seeds {', '.join(map(str, s['seeds']))}; "
+        f"{len(report['prompts'])} report prompts x {len(s['eval_seeds'])} samples each. Atoms: {s['num_atoms']} per module, "
+        f"cut to {s['atom_budget']} by contribution during training; atoms-random: cut at random; atoms-dense: no cut "
+        "(both at atoms' rate).",
         "",
         "| method | lr | P(target) | feature cos | alignment | prior kept | params | adapter | train |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -296,18 +291,28 @@ def markdown(report: dict[str, Any]) -> str:
             f"{m['adapter_mb']:.2f} MB | {_pm(m['train_seconds'], 1)} s |"
         )
     if "topk" in report:
-        lines += ["", "Atoms kept per module (top-k by contribution) → fidelity and alignment:", ""]
-        lines += ["| k | P(target) | feature cos | alignment |", "|---|---|---|---|"]
-        for r in report["topk"]:
-            lines.append(
-                f"| {r['k']} | {r['p_target']:.3f} | {r['feature_cosine']:.3f} | {r.get('alignment', float('nan')):.3f} |"
-            )
+        tk = report["topk"]
+        lines += ["", "Atoms kept per module → P(target) (report seeds; share of the no-cut adapter's gain "
+                  "over the pretrained model):", ""]  # fmt: skip
+        lines += ["| atoms per module | P(target) | share of the no-cut gain |", "|---|---|---|"]
+        for r in tk["rows"]:
+            lines.append(f"| {r['atoms']} | {_pm(r['p_target'])} | {r['share_of_no_cut_gain']:.2f} |")
+        sp, dense = tk["sparsity"], tk["no_cut_sparsity"]
+        lines += [
+            "",
+            "While sampling the report prompts (per module, mean over modules; recipe vs no cut): "
+            f"live atoms {_pm(sp['live_atoms'], 1)} vs {_pm(dense['live_atoms'], 1)}; zero coefficients "
+            f"{_pm(sp['zero_share'])} vs {_pm(dense['zero_share'])}; atoms active per token "
+            f"{_pm(sp['active_per_token'], 1)} vs {_pm(dense['active_per_token'], 1)}; atoms carrying 90% "
+            f"of the contribution {_pm(sp['atoms_for_share'], 1)} vs {_pm(dense['atoms_for_share'], 1)}.",
+        ]
     if "merge" in report:
         mg = report["merge"]
         lines += ["", f"Concept + style ({'; '.join(mg['prompts'])}; {len(mg['seeds'])} seeds each):", ""]
         lines += ["| adapters | P(target) | style share |", "|---|---|---|"]
         for name, r in mg["rows"].items():
             lines.append(f"| {name} | {r['p_target']:.3f} | {r['style']:.3f} |")
+        lines += ["", f"Atom ids the two adapters share, per module (mean): {mg['shared_atom_ids']:.2f}."]
     return "\n".join(lines) + "\n"
 
 

@@ -74,6 +74,7 @@ def _bench(args: argparse.Namespace) -> None:
         learning_rates=parse_list(args.learning_rates, float),
         steps=args.steps,
         num_atoms=args.num_atoms,
+        **({} if args.atom_budget is None else {"atom_budget": args.atom_budget}),
         eval_seeds=tuple(int_list(args.eval_seeds, "--eval-seeds")),
         prompts=args.prompts,
         topk=not args.no_topk,
@@ -140,6 +141,7 @@ def register(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--num-atoms", type=int, default=66)
+    p.add_argument("--atom-budget", type=int, default=None, help="atoms kept per module (default: 6)")
     p.add_argument("--eval-seeds", default="0,1", help="samples per prompt")
     p.add_argument("--prompts", help="a file of prompts, one per line, {} = the concept")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")

@@ -30,6 +30,10 @@ STYLE_PROMPT = f"a digit, {STYLE_TOKEN} style"
 STYLE_RGB = (1.0, 0.1, 1.0)  # magenta: a color no pretraining caption names
 GUIDANCE = 2.5
 SAMPLE_STEPS = 20
+# The atoms recipe on the testbed, chosen on the selection seed (benchmarks/results/testbed):
+# 66 atoms per module (LoRA r=16's parameters), cut to RECIPE_BUDGET by contribution during training.
+RECIPE_BUDGET = 6
+RECIPE_LR = 3e-5
 
 
 @dataclass
@@ -190,6 +194,8 @@ def train_adapter(
     class_prompt: str | None = None,
     class_dir: Path | None = None,
     progress: bool = False,
+    atom_budget: int = RECIPE_BUDGET,
+    atoms: dict | None = None,
 ):
     """One run of the project's trainer on the testbed pipeline; the adapter stays in ``pipe``."""
     from ..diffusion.trainer import TrainSettings, train
@@ -202,6 +208,8 @@ def train_adapter(
         pretrained="digits",
         method=method,
         num_atoms=num_atoms,
+        atom_budget=atom_budget,
+        atoms=dict(atoms or {}),
         learning_rate=learning_rate,
         max_steps=steps,
         batch_size=len(list(Path(instance_dir).glob("*.png"))),
@@ -213,6 +221,24 @@ def train_adapter(
         guidance_scale=GUIDANCE,
     )
     return train(settings, pipe=pipe, progress=progress)
+
+
+def sheet(images: torch.Tensor, prompts: int, seeds: int):
+    """Prompts as rows (at most 25), seeds as columns, 3x enlarged."""
+    from ..diffusion.images import grid
+
+    pil = to_pil(images)
+    rows = [pil[i * seeds : (i + 1) * seeds] for i in range(min(prompts, 25))]
+    picture = grid(rows)
+    return picture.resize((picture.width * 3, picture.height * 3), 0)
+
+
+def selection_prompts() -> list[Prompt]:
+    """Prompts that choose settings and are never reported: small centred digits in each color
+    (the 25 report prompts hold no small centred digit)."""
+    return [
+        Prompt(a.caption(SUBJECT), a) for a in (Attributes(-1, c, "small", "in the center") for c in COLORS)
+    ]
 
 
 def adapter_megabytes(adapter_dir: Path) -> float:

@@ -16,8 +16,8 @@ from typing import Any
 
 from ..diffusion.images import grid, save_json, save_png, save_text
 from ..errors import AtomtuneError
-from ..selection import share_masks
 from . import customize as cz
+from .customize import RECIPE_BUDGET, RECIPE_LR
 from .judges import load_classifier
 from .pipeline import digit_pipeline, to_pil
 
@@ -27,14 +27,17 @@ SWEEP_PROMPT = f"a large red {cz.SUBJECT}"
 @dataclass
 class DemoSettings:
     steps: int = 300
-    learning_rate: float = 3e-5  # what `testbed bench` chose for atoms (benchmarks/results/testbed)
-    num_atoms: int = 66
+    learning_rate: float = RECIPE_LR
+    num_atoms: int = 66  # 11 per head: LoRA r=16's parameters per attention module
+    atom_budget: int = RECIPE_BUDGET  # atoms kept per module (9% of the dictionary); 0 keeps all
     seed: int = 0
     holdout_digit: int = 9
 
     def __post_init__(self) -> None:  # fail before the model loads and anything is written
         if self.steps < 1 or self.learning_rate <= 0 or self.num_atoms < 1 or self.seed < 0:
             raise AtomtuneError("demo: steps and num_atoms must be >= 1, learning_rate > 0, seed >= 0")
+        if not 0 <= self.atom_budget <= self.num_atoms:
+            raise AtomtuneError(f"demo: atom budget must be in 0..{self.num_atoms}, got {self.atom_budget}")
 
 
 def run_demo(
@@ -58,6 +61,7 @@ def run_demo(
     result = cz.train_adapter(
         pipe, "atoms", instance_dir, cz.INSTANCE_PROMPT, out / "run", settings.learning_rate,
         settings.steps, settings.seed, settings.num_atoms, progress=progress,
+        atom_budget=settings.atom_budget,
     )  # fmt: skip
     try:
         after, images_after = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
@@ -67,6 +71,7 @@ def run_demo(
             spec, result.tuned, [p.text for p in prompts], seeds, cz.SAMPLE_STEPS, cz.GUIDANCE, 24, 24
         )
         contribution = stats.contribution()
+        sparsity = stats.sparsity()
         stats.save_json(out / "rankings.json")
         heatmap(contribution, out / "heatmap.png", f"which atoms draw the {cz.word(target)}: E|s|·‖d‖")
         ks, strip = sweep(
@@ -82,7 +87,6 @@ def run_demo(
             ks=None,
         )
         save_png(grid([_enlarge_all(strip)], [f"k={k}" for k in ks]), out / "sweep.png")
-        share = _share_for_most(contribution)
         trainable = result.tuned.num_trainable_parameters()
     finally:
         result.tuned.unload()
@@ -95,8 +99,8 @@ def run_demo(
         "settings": settings.__dict__,
         "before": before,
         "after": after,
-        "atoms_for_90_percent": share,
-        "sparsity_last_step": result.history[-1].get("sparsity"),
+        "sparsity": sparsity["mean"],  # over the 25 prompts' sampling, per module
+        "l1_penalty_last_step": result.history[-1].get("l1"),
         "trainable_params": trainable,
         "adapter": str(result.adapter_dir),
         "seconds": time.perf_counter() - began,
@@ -114,10 +118,16 @@ def _enlarge_all(images: list, factor: int = 3) -> list:
     return [im.resize((im.width * factor, im.height * factor), 0) for im in images]
 
 
-def _share_for_most(contribution, share: float = 0.9) -> float:
-    """Mean over modules of the fraction of atoms that carry ``share`` of the module's contribution."""
-    masks = share_masks(contribution, share, per_module=True)
-    return sum(float(m.float().mean()) for m in masks.values()) / max(len(masks), 1)
+def _atoms_sentence(s: dict[str, Any]) -> str:
+    """How few atoms carry the concept, in numbers measured while sampling the 25 prompts."""
+    sp, m = s["sparsity"], s["settings"]["num_atoms"]
+    return (
+        f"The concept lives in {sp['live_atoms']:.1f} atoms per module on average "
+        f"({sp['live_atoms'] / m:.0%} of the {m} each module started with); "
+        f"{sp['atoms_for_share']:.1f} of them carry 90% of a module's contribution. Per token, "
+        f"{sp['active_per_token']:.1f} atoms are active ({sp['active_per_token'] / m:.0%} of the dictionary; "
+        f"{sp['zero_share']:.0%} of the kept atoms' coefficients are zero)."
+    )
 
 
 def _markdown(s: dict[str, Any]) -> str:
@@ -139,8 +149,9 @@ def _markdown(s: dict[str, Any]) -> str:
         "|---|---|---|",
         *[f"| {label} | {b[key]:.3f} | {a[key]:.3f} |" for label, key in rows],
         "",
-        f"90% of each module's contribution comes from {100 * s['atoms_for_90_percent']:.0f}% of its atoms "
-        "on average (`heatmap.png`, `rankings.json`); `sweep.png` draws "
+        _atoms_sentence(s),
+        "",
+        "`heatmap.png` and `rankings.json` show which atoms matter in which layer; `sweep.png` draws "
         f'"{s["sweep_prompt"]}" with only the top-k atoms of every module kept, k = '
         f"{', '.join(map(str, s['sweep_ks']))}. `images.png`: the 25 prompts before (left) and after.",
     ]

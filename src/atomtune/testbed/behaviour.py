@@ -1,0 +1,144 @@
+"""What the testbed benchmark measures of the atoms themselves, beyond the scores every method gets:
+
+- **few atoms carry the concept**: the recipe's adapters (a dictionary cut to its budget during
+  training) scored with only their top-k atoms kept, beside two controls trained the same way at the
+  same learning rate and seeds: the same count of atoms cut at *random*, and the full dictionary
+  with no cut (scored whole, and with only its top ``budget`` atoms kept afterwards);
+- **true sparsity** while sampling: live atoms, share of zero coefficients, atoms active per token,
+  atoms carrying 90% of a module's contribution;
+- **merging** a concept adapter with a style adapter by ``sum`` (the paper's) and ``concat``, with
+  the share of atom ids the two adapters share per module (what a sum adds onto each other);
+- the **frontier**: every learning rate of every method, fidelity against prior kept and alignment.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..diffusion.images import save_png
+from ..selection import top_k_masks
+from . import customize as cz
+
+
+def topk_rows(pipe, adapters: list[Path], ks: list[int], prompts, seeds, target, references, classifier):
+    """Per adapter (one per report seed): sparsity while sampling, and the scores with only the
+    top-k atoms of every module kept, and with k random ones (the control).
+
+    Atoms are ranked by their contribution while sampling the training prompt and the selection
+    prompts (never the report prompts, which only judge)."""
+    from ..diffusion.analysis import calibrate
+    from ..diffusion.methods import load_adapters
+    from ..diffusion.pipeline import pipeline_name, spec_for
+
+    per_adapter = []
+    for adapter in adapters:
+        tuned = load_adapters(pipe.transformer, [adapter], pipeline_name(pipe))
+        try:
+            texts = [cz.INSTANCE_PROMPT] + [p.text for p in cz.selection_prompts()]
+            stats, _ = calibrate(
+                spec_for(pipe), tuned, texts, seeds[:1], cz.SAMPLE_STEPS, cz.GUIDANCE, 24, 24
+            )
+            live = {n: (a.mask != 0).cpu() for n, a in tuned.handle.atoms().items()}
+            contribution = {n: c * live[n] for n, c in stats.contribution().items()}  # pads rank last
+            sparsity = stats.sparsity()["mean"]  # before the top-k masks below change what is live
+            rows, chance = {}, {}
+            generator = torch.Generator().manual_seed(0)
+            for k in ks:
+                tuned.handle.set_masks({n: m & live[n] for n, m in top_k_masks(contribution, k).items()})
+                rows[k], _ = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
+                if k < max(int(m.sum()) for m in live.values()):
+                    noise = {
+                        n: torch.rand(len(m), generator=generator, dtype=torch.float64) * m
+                        for n, m in live.items()
+                    }
+                    tuned.handle.set_masks({n: m & live[n] for n, m in top_k_masks(noise, k).items()})
+                    chance[k], _ = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
+            per_adapter.append({"sparsity": sparsity, "topk": rows, "random": chance})
+        finally:
+            tuned.unload()
+    return per_adapter
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values)}
+
+
+def gain_share(p: float, base: float, reference: float) -> float:
+    """The share of ``reference``'s P(target) gain over the pretrained model that ``p`` keeps."""
+    return (p - base) / (reference - base) if reference > base else float("nan")
+
+
+def merge_rows(pipe, concept: Path, style: Path, holdout: int, references, classifier, out: Path):
+    """Concept + style, alone and merged, on "a large/small sks digit, zwx style" (8 seeds each)."""
+    from ..diffusion.methods import load_adapters
+    from ..diffusion.pipeline import pipeline_name
+    from ..serialization import read_adapter_tensors
+    from .judges import fidelity
+
+    prompts = [f"a {size} {cz.SUBJECT}, {cz.STYLE_TOKEN} style" for size in ("large", "small")]
+    seeds = list(range(8))
+    rows = {}
+    cases = {
+        "concept only": ([concept], "concat"),
+        "style only": ([style], "concat"),
+        "merge: sum": ([concept, style], "sum"),
+        "merge: concat": ([concept, style], "concat"),
+    }
+    for name, (dirs, how) in cases.items():
+        tuned = load_adapters(pipe.transformer, dirs, pipeline_name(pipe), combine=how)
+        try:
+            images = cz.draw(pipe, prompts, seeds)
+            fid = fidelity(classifier, images, holdout, (references + 1) / 2)
+            rows[name] = {"p_target": fid["p_target"].mean().item(), "style": cz.style_share(images)}
+            sheet = cz.sheet(images, len(prompts), len(seeds))
+            save_png(sheet, out / f"{name.replace(': ', '-').replace(' ', '-')}.png")
+        finally:
+            tuned.unload()
+    ids = [read_adapter_tensors(d) for d in (concept, style)]
+    overlap = {}
+    for key in (k for k in ids[0] if k.endswith(".atom_ids")):
+        a = {int(i) for i in ids[0][key].tolist() if i >= 0}
+        b = {int(i) for i in ids[1].get(key, torch.empty(0)).tolist() if i >= 0}
+        overlap[key.removesuffix(".atom_ids")] = len(a & b) / max(min(len(a), len(b)), 1)
+    return {
+        "prompts": prompts,
+        "seeds": seeds,
+        "rows": rows,
+        "shared_atom_ids": statistics.fmean(overlap.values()) if overlap else float("nan"),
+        "shared_atom_ids_per_module": overlap,
+    }
+
+
+def frontier_figure(selection: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """One curve per method over its learning rates: P(target) against prior kept and alignment."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..serialization import atomic_write
+
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for method, rows in selection.items():
+        rows = sorted(rows, key=lambda r: r["learning_rate"])
+        for ax, key in zip(axes, ("prior", "alignment"), strict=True):
+            xs, ys = [r.get(key, float("nan")) for r in rows], [r["p_target"] for r in rows]
+            ax.plot(xs, ys, marker="o", label=method)
+            for x, y, r in zip(xs, ys, rows, strict=True):
+                ax.annotate(f"{r['learning_rate']:g}", (x, y), fontsize=6, alpha=0.7)
+    for ax, key in zip(axes, ("prior kept (other digits)", "alignment (color, size, place)"), strict=True):
+        ax.set_xlabel(key)
+        ax.set_ylabel("P(target)")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("every learning rate tried (selection seed, selection prompts)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    return path
