@@ -197,3 +197,27 @@ def test_pixart_alpha_with_size_conditioning_trains_and_generates(dog_images, tm
     from PIL import Image
 
     assert Image.open(images.images[0]).size == (32, 32)
+
+
+def test_class_images_with_their_own_captions_need_no_class_prompt(dog_images, tmp_path):
+    """Prior preservation from a folder in the imagefolder layout (metadata.jsonl): each class image
+    is paired with its own caption; a missing caption or a folder with neither is refused."""
+    from atomtune.diffusion.data import read_captions
+
+    cats = dreambooth_images(tmp_path / "cats", "cat", 2)
+    names = sorted(p.name for p in cats.iterdir())
+    lines = [json.dumps({"file_name": n, "text": f"a photo of cat number {i}"}) for i, n in enumerate(names)]
+    (cats / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images = sorted(cats.glob("*.png"))
+    assert read_captions(cats, images) == [f"a photo of cat number {i}" for i in range(2)]
+    result = train(
+        _settings(dog_images, tmp_path / "run", class_data=str(cats), num_class_images=2), progress=False
+    )
+    assert all("prior" in h for h in result.history) and len(result.class_images) == 2
+    assert "class images of their own captions" in (result.adapter_dir / "README.md").read_text()
+    (cats / "metadata.jsonl").write_text(lines[0] + "\n")
+    with pytest.raises(AtomtuneError, match="has no caption for"):
+        train(_settings(dog_images, tmp_path / "run2", class_data=str(cats)), progress=False)
+    (cats / "metadata.jsonl").unlink()
+    with pytest.raises(AtomtuneError, match=r"need a class-prompt or a metadata\.jsonl"):
+        train(_settings(dog_images, tmp_path / "run3", class_data=str(cats)), progress=False)

@@ -133,3 +133,17 @@ def test_demo_bad_input_is_one_line(tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith("atomtune: error: Not a directory")
     assert str(blocker) in errors[0]
     assert blocker.read_text() == "keep me"
+
+
+def test_prior_images_are_the_models_own_drawings_under_their_captions(pipe, tmp_path):
+    folder = cz.prior_images(pipe, holdout=9, folder=tmp_path / "prior", per_digit=1)
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(records) == 9 and all((folder / r["file_name"]).is_file() for r in records)
+    digits = [next(d for d, w in enumerate(cz.WORDS) if f" {w} " in f" {r['text']} ") for r in records]
+    assert sorted(digits) == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # every digit but the held-out one
+    instance = cz.write_images(cz.instance_images(9, 2), tmp_path / "instance")
+    result = cz.train_adapter(
+        pipe, "atoms", instance, cz.INSTANCE_PROMPT, tmp_path / "run", 1e-3, 2, 0, 12, class_dir=folder
+    )
+    result.tuned.unload()
+    assert all("prior" in h for h in result.history) and len(result.class_images) == 9

@@ -107,3 +107,35 @@ def read_prompts(prompts: list[str] | None = None, prompts_file: str | Path | No
             if line and not line.startswith("#"):
                 result.append(line)
     return result
+
+
+CAPTIONS = "metadata.jsonl"  # the Hugging Face imagefolder layout: {"file_name": ..., "text": ...} per line
+
+
+def read_captions(folder: str | Path, images: list[Path]) -> list[str] | None:
+    """Each image's own caption from ``folder/metadata.jsonl``, in the order of ``images``; ``None``
+    when the folder has no such file (then one prompt serves every image)."""
+    import json
+
+    path = Path(folder).expanduser() / CAPTIONS
+    if not path.is_file():
+        return None
+    captions: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AtomtuneError(f"{path}, line {number}: not JSON ({exc.msg})") from exc
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("file_name"), str)
+            and isinstance(record.get("text"), str)
+        ):
+            raise AtomtuneError(f'{path}, line {number}: expected {{"file_name": "...", "text": "..."}}')
+        captions[record["file_name"]] = record["text"]
+    missing = [p.name for p in images if p.name not in captions]
+    if missing:
+        raise AtomtuneError(f"{path} has no caption for {missing[0]}")
+    return [captions[p.name] for p in images]

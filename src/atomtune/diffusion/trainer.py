@@ -28,7 +28,16 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import AtomtuneError
-from .data import check_prompts, list_images, load_images, open_image, square_crop, to_tensor
+from .data import (
+    CAPTIONS,
+    check_prompts,
+    list_images,
+    load_images,
+    open_image,
+    read_captions,
+    square_crop,
+    to_tensor,
+)
 from .images import grid, save_json, save_png, save_text
 from .methods import DEFAULT_ATOM_BUDGET, DEFAULT_NUM_ATOMS, MethodConfig, Tuned, apply_method
 from .pipeline import DEFAULT_PRETRAINED, PixArtSpec, Prompts, load_pipeline, pipeline_name, spec_for
@@ -130,8 +139,6 @@ class TrainSettings:
             raise AtomtuneError(
                 f"mixed_precision must be one of {', '.join(PRECISIONS)}; got {self.mixed_precision!r}"
             )
-        if self.class_data and not self.class_prompt:
-            raise AtomtuneError("class-data needs a class-prompt (prior preservation)")
         self.method_config()
         check_prompts(self.instance_prompt, self.token, self.class_prompt)
 
@@ -260,10 +267,11 @@ def train(settings: TrainSettings, pipe=None, progress: bool = True) -> TrainRes
 class _Data:
     """Everything the loop reads, encoded once: prompts, and VAE posteriors of the images."""
 
-    prompts: Prompts  # the instance prompt, then the class prompt with prior preservation
+    prompts: Prompts  # the instance prompt, then the class prompt(s) with prior preservation
     instance: tuple[torch.Tensor, torch.Tensor]  # posterior mean and std, (N, C, h, w) each
     class_images: tuple[torch.Tensor, torch.Tensor] | None
     class_paths: list[Path]
+    class_prompt_ids: list[int]  # each class image's row in ``prompts``
     sampling: Prompts | None
     negative: Prompts | None
 
@@ -277,9 +285,11 @@ def _prepare_data(
 ) -> _Data:
     class_paths: list[Path] = []
     class_images = None
-    if settings.class_prompt:
+    texts = [settings.instance_prompt]
+    class_prompt_ids: list[int] = []
+    if settings.class_prompt or settings.class_data:
         class_dir = Path(settings.class_data).expanduser() if settings.class_data else out / "class_images"
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and settings.class_prompt:
             ensure_class_images(
                 pipe,
                 spec,
@@ -294,15 +304,22 @@ def _prepare_data(
             )
         accelerator.wait_for_everyone()
         class_paths = list_images(class_dir, "class images")[: settings.num_class_images]
+        captions = read_captions(class_dir, class_paths)  # each image's own caption, if the folder has them
+        if captions is None and not settings.class_prompt:
+            raise AtomtuneError(
+                f"class images in {class_dir} need a class-prompt or a {CAPTIONS} of captions"
+            )
+        texts += captions or [settings.class_prompt]
+        class_prompt_ids = list(range(1, 1 + len(class_paths))) if captions else [1] * len(class_paths)
         pixels = torch.stack([to_tensor(square_crop(open_image(p), resolution)) for p in class_paths])
         class_images = _encode_images(spec, pixels, settings.batch_size)
     instance = _encode_images(spec, load_images(settings.instance_data, resolution), settings.batch_size)
-    texts = [settings.instance_prompt] + ([settings.class_prompt] if class_paths else [])
     sampling = negative = None
     if settings.sample_every:
         sampling = spec.encode_prompts(list(settings.sample_prompts) or [settings.instance_prompt])
         negative = spec.encode_prompts([""])
-    return _Data(spec.encode_prompts(texts), instance, class_images, class_paths, sampling, negative)
+    encoded = spec.encode_prompts(texts)
+    return _Data(encoded, instance, class_images, class_paths, class_prompt_ids, sampling, negative)
 
 
 def _fit(settings, pipe, spec, accelerator, data: _Data, out, resume_dir, resolution, progress, start_time):
@@ -348,7 +365,9 @@ def _fit(settings, pipe, spec, accelerator, data: _Data, out, resume_dir, resolu
             cindex = torch.randint(0, len(data.class_paths), (len(index),), generator=generator)
             mean = torch.cat([mean, data.class_images[0][cindex]])
             std = torch.cat([std, data.class_images[1][cindex]])
-            prompts = data.prompts.select([0] * len(index) + [1] * len(index))
+            prompts = data.prompts.select(
+                [0] * len(index) + [data.class_prompt_ids[i] for i in cindex.tolist()]
+            )
         eps = torch.randn(mean.shape, generator=generator)
         latents = spec.latents(mean, std, eps)
         noise = torch.randn(latents.shape, generator=generator)
@@ -645,10 +664,11 @@ def _final_sparsity(history: list[dict[str, float]], tuned: Tuned) -> dict[str, 
 
 def model_card(record: dict[str, Any], tuned: Tuned) -> str:
     s = record["settings"]
-    if record["class_prompt"]:
+    if record["class_images"]:
+        of = f'"{record["class_prompt"]}"' if record["class_prompt"] else "their own captions"
         prior = (
             f"prior preservation with {record['class_images']} class images of "
-            f'"{record["class_prompt"]}" (weight {s["prior_loss_weight"]})'
+            f"{of} (weight {s['prior_loss_weight']})"
         )
     else:
         prior = "no prior preservation"

@@ -118,21 +118,24 @@ def run_bench(
         base = {"method": "pretrained (no tuning)", **evaluate(out / "base", prompts)}
         save_json(base, base_file)
     controls = list(CONTROLS) if "atoms" in settings.methods else []
-    jobs = [(m, lr) for m in settings.methods for lr in settings.learning_rates]
-    reported = [*settings.methods, *controls]
-    bar = tqdm(total=len(jobs) + len(reported) * len(settings.seeds), desc="bench", disable=not progress)
-    selection: dict[str, list[dict[str, Any]]] = {m: [] for m in settings.methods}
-    for method, lr in jobs:
-        selection[method].append(run(method, lr, settings.select_seed, chooser))
-        bar.update(1)
-    chosen = {m: _choose(rows)["learning_rate"] for m, rows in selection.items()}
-    chosen.update({c: chosen["atoms"] for c in controls})
+    runs = len(settings.methods) * len(settings.learning_rates)
+    runs += (len(settings.methods) + len(controls)) * len(settings.seeds)
+    bar = tqdm(total=runs, desc="bench", disable=not progress)
+    selection: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, float] = {}
     results: dict[str, list[dict[str, Any]]] = {}
-    for method in reported:
-        results[method] = []
-        for seed in settings.seeds:
-            results[method].append(run(method, chosen[method], seed, prompts))
+    for method in settings.methods:  # method by method: its rates on the selection seed, then the report
+        selection[method] = []
+        for lr in settings.learning_rates:
+            selection[method].append(run(method, lr, settings.select_seed, chooser))
             bar.update(1)
+        chosen[method] = _choose(selection[method])["learning_rate"]
+        for name in [method, *(controls if method == "atoms" else [])]:
+            chosen[name] = chosen[method]
+            results[name] = []
+            for seed in settings.seeds:
+                results[name].append(run(name, chosen[method], seed, prompts))
+                bar.update(1)
     bar.close()
     report: dict[str, Any] = {
         "settings": asdict(settings),

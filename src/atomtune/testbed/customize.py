@@ -167,6 +167,34 @@ def score_prior(pipe, holdout: int, seeds: list[int], classifier=None) -> float:
     return (predicted == truth).double().mean().item()
 
 
+def prior_images(pipe, holdout: int, folder: str | Path, per_digit: int = 4, seed: int = 0) -> Path:
+    """Prior preservation's class images: the pretrained model's own drawings of every other digit,
+    each under its caption (random color, size and place), with ``metadata.jsonl`` pairing them.
+
+    DreamBooth's "a dog" has no counterpart here ("a digit" is no caption the model knows), so the
+    prior is what the model drew before: each image with the caption that made it.
+    """
+    import json
+
+    from ..serialization import atomic_write
+    from .digits import random_attributes
+
+    folder = Path(folder)
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    rng = np.random.default_rng([seed, 2])
+    captions = [
+        random_attributes(d, rng).caption() for d in range(10) if d != holdout for _ in range(per_digit)
+    ]
+    images = pipe(captions, [seed + i for i in range(len(captions))], SAMPLE_STEPS, GUIDANCE)
+    records = []
+    for i, (image, caption) in enumerate(zip(to_pil(images), captions, strict=True)):
+        save_png(image, folder / f"prior-{i:03d}.png")
+        records.append(json.dumps({"file_name": f"prior-{i:03d}.png", "text": caption}))
+    atomic_write(folder / "metadata.jsonl", lambda p: p.write_text("\n".join(records) + "\n"))
+    return folder
+
+
 def style_share(images: torch.Tensor) -> float:
     """The share of images whose mean stroke color is nearer the style's than any named color."""
     palette = torch.tensor([*COLORS.values(), STYLE_RGB])
@@ -216,7 +244,7 @@ def train_adapter(
         seed=seed,
         class_prompt=class_prompt,
         class_data=None if class_dir is None else str(class_dir),
-        num_class_images=20,
+        num_class_images=len(list(Path(class_dir).glob("*.png"))) if class_dir else 20,
         sample_steps=SAMPLE_STEPS,
         guidance_scale=GUIDANCE,
     )
