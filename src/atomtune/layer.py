@@ -87,7 +87,7 @@ class AtomLayer(nn.Module):
         self.disabled = False
         self.listeners: list[Listener] = []
         self.last_sparsity: torch.Tensor | None = None
-        self.last_activity: tuple[torch.Tensor, int, int] | None = None
+        self.last_activity: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def add_adapter(
         self,
@@ -129,7 +129,7 @@ class AtomLayer(nn.Module):
             self.last_sparsity = l1_sparsity(s)
             live = atoms.mask != 0  # atoms cut by a budget do not count as active
             nonzero = ((s.detach() != 0) & live).sum()
-            self.last_activity = (nonzero, s[..., 0].numel(), int(live.sum()))
+            self.last_activity = (nonzero, s[..., 0].numel(), live.sum())  # tensors: no sync here
         for listener in self.listeners:
             listener(self, s.detach())
         return s

@@ -151,18 +151,29 @@ def _concat(a: Atoms, b: Atoms, heads: int, offset: int) -> dict[str, torch.Tens
 
 
 def atom_overlap(
-    importance_a: dict[str, torch.Tensor], importance_b: dict[str, torch.Tensor], k: int
+    importance_a: dict[str, torch.Tensor],
+    importance_b: dict[str, torch.Tensor],
+    k: int,
+    ids_a: dict[str, torch.Tensor] | None = None,
+    ids_b: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per module: how many of the two adapters' top-``k`` atom indices coincide.
+    """Per module: how many of the two adapters' top-``k`` atom ids coincide.
 
     ``overlap`` is ``|A∩B| / k`` (0: the sum merge adds no important atom onto another), ``jaccard``
-    is ``|A∩B| / |A∪B|``; ``shared`` lists the common indices.
+    is ``|A∩B| / |A∪B|``; ``shared`` lists the common ids. Without ``ids_*`` an atom's id is its
+    position (an unpruned adapter); with them, pruned adapters compare by id and pads never count.
     """
+
+    def top(importance: torch.Tensor, ids: torch.Tensor | None, count: int) -> set[int]:
+        ids = torch.arange(len(importance)) if ids is None else ids.cpu()
+        ranked = ids[importance.argsort(descending=True).cpu()]
+        return set(ranked[ranked >= 0][:count].tolist())
+
     report = {}
     for module in importance_a.keys() & importance_b.keys():
         ka = min(k, len(importance_a[module]))
-        top_a = set(importance_a[module].argsort(descending=True)[:ka].tolist())
-        top_b = set(importance_b[module].argsort(descending=True)[:ka].tolist())
+        top_a = top(importance_a[module], (ids_a or {}).get(module), ka)
+        top_b = top(importance_b[module], (ids_b or {}).get(module), ka)
         shared = sorted(top_a & top_b)
         report[module] = {
             "overlap": len(shared) / max(ka, 1),

@@ -223,17 +223,19 @@ class AtomModel:
     def activity(self) -> dict[str, float]:
         """True sparsity of the last training forward, averaged over adapted modules: the share of
         zero coefficients among live (unmasked) atoms, and the live atoms active per token."""
-        zero, active = [], []
+        active, live = [], []
         for layer in self.layers().values():
             if layer.active is None or layer.last_activity is None:
                 continue
-            nonzero, tokens, live = layer.last_activity
+            nonzero, tokens, n_live = layer.last_activity
             layer.last_activity = None
-            active.append(float(nonzero) / tokens)
-            zero.append(1.0 - active[-1] / max(live, 1))
+            active.append(nonzero.double() / tokens)
+            live.append(n_live.double().clamp(min=1))
         if not active:
             return {}
-        return {"zero_share": sum(zero) / len(zero), "active_per_token": sum(active) / len(active)}
+        per_token, zero = torch.stack(active), 1 - torch.stack(active) / torch.stack(live)
+        values = torch.stack([zero.mean(), per_token.mean()]).tolist()  # one device sync per step
+        return {"zero_share": values[0], "active_per_token": values[1]}
 
     def regularization_loss(self) -> torch.Tensor:
         """``sparsity_weight·L1(S) + orthogonality_weight·‖offdiag(D̂D̂ᵀ)‖²``; call once after each forward."""

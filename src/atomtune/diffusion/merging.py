@@ -84,7 +84,10 @@ def merge(
         importance, source = _importance(handle, pipe, prompts, seeds, steps, guidance_scale, progress)
         smallest = min(len(v) for v in importance["concept"].values())
         k_used = min(k, smallest) if k is not None else max(1, smallest // 8)
-        overlap = atom_overlap(importance["concept"], importance["style"], k_used)
+        ids = {role: {m: a.atom_ids for m, a in handle.atoms(role).items()} for role in ("concept", "style")}
+        overlap = atom_overlap(
+            importance["concept"], importance["style"], k_used, ids["concept"], ids["style"]
+        )
         handle.merge("concept", "style", "merged", how=how)
         out = Path(out_dir).expanduser()
         tuned = AtomTuned(handle, name)

@@ -180,6 +180,10 @@ class Tuned:
     def finish_training(self) -> None:
         """Called once after the last step, before the adapter is saved."""
 
+    def live_atoms(self) -> dict[str, int]:
+        """Atoms per module that can act (atoms only; pads and cut atoms do not count)."""
+        return {}
+
     @contextmanager
     def disable(self) -> Iterator[None]:
         raise NotImplementedError
@@ -220,7 +224,6 @@ class AtomTuned(Tuned):
         return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **self.handle.activity()}
 
     def live_atoms(self) -> dict[str, int]:
-        """Atoms per module that can act (mask ≠ 0): pads and cut atoms do not count."""
         return {name: int((a.mask != 0).sum()) for name, a in self.handle.atoms().items()}
 
     def start_training(self, total_steps: int, seed: int) -> None:

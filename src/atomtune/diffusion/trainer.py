@@ -652,7 +652,7 @@ def _final_sparsity(history: list[dict[str, float]], tuned: Tuned) -> dict[str, 
     """Atoms: true sparsity over the last tenth of training (share of zero coefficients, live atoms
     active per token) and the live atoms per module the saved adapter keeps."""
     tail = [h for h in history[-max(1, len(history) // 10) :] if "zero_share" in h]
-    live = getattr(tuned, "live_atoms", lambda: None)()
+    live = tuned.live_atoms()
     if not tail or not live:
         return None
     return {
