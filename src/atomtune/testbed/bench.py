@@ -303,7 +303,7 @@ def markdown(report: dict[str, Any]) -> str:
         sp, dense = tk["sparsity"], tk["no_cut_sparsity"]
         lines += [
             "",
-            "While sampling the report prompts (per module, mean over modules; recipe vs no cut): "
+            "While sampling the training and selection prompts (per module, mean over modules; recipe vs no cut): "
             f"live atoms {_pm(sp['live_atoms'], 1)} vs {_pm(dense['live_atoms'], 1)}; zero coefficients "
             f"{_pm(sp['zero_share'])} vs {_pm(dense['zero_share'])}; atoms active per token "
             f"{_pm(sp['active_per_token'], 1)} vs {_pm(dense['active_per_token'], 1)}; atoms carrying 90% "
