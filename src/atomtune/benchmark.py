@@ -191,6 +191,7 @@ def _sync(device: str) -> None:
 
 
 def _reset_peak(device: str) -> None:
+    torch._dynamo.reset()  # compiled code holds on to the last compiled model: free it first
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -279,7 +280,6 @@ def measure_compiled(
     spec: dict[str, Any], preset: str, batch: int, device: str, dtype: torch.dtype, timing: dict
 ) -> dict:
     """Inference through regional ``torch.compile`` (compile time reported apart, not in the median)."""
-    torch._dynamo.reset()
     _reset_peak(device)
     model = build_transformer(preset, device, dtype)
     inputs = make_inputs(preset, batch, device, dtype)
@@ -300,8 +300,6 @@ def measure_memory(
     spec: dict[str, Any], preset: str, batch: int, device: str, dtype: torch.dtype, resolution: int
 ) -> dict:
     """Peak memory of training steps at ``resolution`` pixels (one warm-up step, one measured)."""
-    if resolution % (2 * LATENT_SCALE):
-        raise AtomtuneError(f"memory resolution {resolution} is not a multiple of {2 * LATENT_SCALE}")
     sample = resolution // LATENT_SCALE
     _reset_peak(device)
     model = build_transformer(preset, device, dtype, sample)
@@ -332,7 +330,7 @@ def profile(
     handle, _ = adapt(model, spec["method"], spec.get("num_atoms", 0))
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     sections = []
     for name, fn in (
         ("training step", training_step(model, handle, inputs)),
@@ -414,6 +412,9 @@ def run(
     for m in compiled:
         if m not in ("bare", *methods):
             raise AtomtuneError(f"--compile {m}: not among the measured methods")
+    for resolution in memory_resolutions:  # checked before the first measurement, not after
+        if resolution < 2 * LATENT_SCALE or resolution % (2 * LATENT_SCALE):
+            raise AtomtuneError(f"memory resolution {resolution} is not a multiple of {2 * LATENT_SCALE}")
     timing = {"warmup": warmup, "repeats": repeats, "prune_to": prune_to}
     settings = {"preset": preset, **PRESETS[preset], "batch": batch, "device": device, "dtype": dtype}
     settings.update(atoms=list(counts), warmup=warmup, repeats=repeats, optimizer="AdamW")
