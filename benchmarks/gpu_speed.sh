@@ -9,13 +9,16 @@
 # Results go to $OUT/<name>/ when $OUT is set, else to benchmarks/results/<name>/:
 #   gpu_tests.txt       the bf16 equality tests of the attention paths (tests/test_gpu.py)
 #   profile-atoms-N.txt where atoms' training step and inference spend their time (operators)
-#   speed.json, .md     bare, atoms at LoRA r=16's parameters and at 256 atoms, LoRA r=16, DoRA, OFT:
-#                       eager; inference through regional torch.compile for bare, LoRA and atoms;
-#                       peak training memory at 512 and 2048 px for bare, LoRA and atoms at parity
+#   speed.json, .md     bare, atoms at LoRA r=16's parameters and at 256 atoms (heads from the
+#                       projections, and atoms_padcat: padded and concatenated per call, the path
+#                       before), LoRA r=16, DoRA, OFT: eager; inference through regional
+#                       torch.compile for bare, LoRA and atoms at parity; peak training memory at
+#                       512 and 2048 px for bare, LoRA and atoms at parity
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--tiny" ]; then
+    export OMP_NUM_THREADS=1  # proves every step runs, not how fast: one thread copes with a busy CPU
     name=rehearsal-cpu-tiny
     bench=(--preset cpu-tiny --device cpu --dtype float32 --batch 2 --warmup 0 --repeats 1 --prune-to 8)
     bench+=(--memory-resolutions 64,256)
@@ -40,7 +43,7 @@ timeout "${limits[0]}" python -m pytest -q -p no:cacheprovider tests/test_gpu.py
 echo "== 2/2 profile, eager table, compiled inference, memory against resolution"
 start=$(date +%s)
 timeout "${limits[1]}" python -m atomtune.benchmark "${bench[@]}" \
-    --methods bare,atoms,lora,dora,oft --atoms parity,256 --compile bare,lora,atoms \
+    --methods bare,atoms,atoms_padcat,lora,dora,oft --atoms parity,256 --compile bare,lora,atoms \
     --profile --out "$dest" 2>&1 | tee "$dest/benchmark.log"
 status=${PIPESTATUS[0]}
 echo "benchmark: exit $status after $(($(date +%s) - start)) s" | tee -a "$dest/benchmark.log"

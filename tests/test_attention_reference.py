@@ -16,6 +16,7 @@ from atomtune.functional import (
     naive_attention,
     split_heads,
 )
+from atomtune.integrations import diffusers as dx
 from atomtune.integrations.diffusers import pads_through_weights
 from atomtune.tiny import tiny_pixart
 
@@ -111,6 +112,18 @@ def test_head_padded_linear_matches_pad_and_cat():
     assert not q[..., d:].any()
 
 
+@pytest.fixture
+def padded_on_cpu(monkeypatch):
+    """The projection-built heads are for GPUs; these tests take that path on the CPU."""
+    monkeypatch.setattr(dx, "PADDED_PROJECTION_DEVICES", ("cpu",))
+
+
+def test_cpu_keeps_the_pad_and_concat_path():
+    model, _, _ = _float32_and_reference("pre_out")
+    attn = model.transformer_blocks[0].attn1
+    assert not pads_through_weights(attn, attn.atoms.active, torch.randn(1, 3, 8))
+
+
 def _float32_and_reference(placement: str, num_atoms: int = 6):
     """A float32 tiny PixArt with atoms (trained-looking D, one gain, one masked atom) and its float64 copy."""
     model = tiny_pixart(heads=2, head_dim=4)
@@ -127,7 +140,7 @@ def _float32_and_reference(placement: str, num_atoms: int = 6):
 @pytest.mark.parametrize("placement", ["pre_out", "post_out"])
 @pytest.mark.parametrize("which", ["attn1", "attn2"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_padded_projection_path_float32_matches_float64_reference(placement, which, grad):
+def test_padded_projection_path_float32_matches_float64_reference(placement, which, grad, padded_on_cpu):
     """The widened heads built by the projections (channels stacked onto to_v without a gradient,
     added into the zero slots with one), float32, equal the naive float64 formulas to 1e-5."""
     model, _, ref_model = _float32_and_reference(placement)
@@ -155,7 +168,7 @@ def test_padded_projection_path_float32_matches_float64_reference(placement, whi
         assert a.W_s.grad is not None and a.W_s.grad.abs().sum() > 0
 
 
-def test_padded_projection_path_gradients_equal_the_unpadded_path(pixart_inputs):
+def test_padded_projection_path_gradients_equal_the_unpadded_path(pixart_inputs, padded_on_cpu):
     """Training through the padded projections gives the same loss gradients as the pad/cat path."""
     model, atoms, _ = _float32_and_reference("pre_out", num_atoms=6)
 

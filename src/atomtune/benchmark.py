@@ -25,7 +25,8 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,11 @@ PRESETS: dict[str, dict[str, int]] = {
     "sigma-512": dict(heads=16, head_dim=72, layers=28, sample=64, text=300, caption=4096),
     "sigma-1024": dict(heads=16, head_dim=72, layers=28, sample=128, text=300, caption=4096),
 }
-METHODS = ("bare", "atoms", "atoms_separate", "lora", "dora", "oft")
-ATOM_METHODS = ("atoms", "atoms_separate")
+METHODS = ("bare", "atoms", "atoms_padcat", "atoms_separate", "lora", "dora", "oft")
+# atoms: one attention call, widened heads from the projections where the device gains from it
+# (integrations.diffusers.PADDED_PROJECTION_DEVICES); atoms_padcat: one call, heads padded and
+# concatenated per call (the path before); atoms_separate: a second attention call
+ATOM_METHODS = ("atoms", "atoms_padcat", "atoms_separate")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_RANK = 16
 LATENT_SCALE = 8  # pixels per latent cell (the VAE's downsampling)
@@ -135,7 +139,7 @@ def apply_method(model: nn.Module, method: str, num_atoms: int) -> tuple[Any, Ca
     and as atomtune's trainer does: atoms train in float32 too, whatever the host's precision.
     """
     if method in ATOM_METHODS:  # coefficients in the values' attention call, or a second
-        atoms = AtomModel(model, AtomConfig(num_atoms=num_atoms, fused=method == "atoms"))
+        atoms = AtomModel(model, AtomConfig(num_atoms=num_atoms, fused=method != "atoms_separate"))
         for a in atoms.atoms().values():  # trained-looking atoms: D != 0
             torch.nn.init.normal_(a.D, std=1e-3)
         return atoms, atoms.save
@@ -170,6 +174,20 @@ def adapt(model: nn.Module, method: str, num_atoms: int) -> tuple[Any, Callable[
         model.requires_grad_(False)
         return None, None
     return apply_method(model, method, num_atoms)
+
+
+@contextmanager
+def attention_path(method: str) -> Iterator[None]:
+    """``atoms_padcat`` measures the per-call pad/concat path on every device."""
+    if method != "atoms_padcat":
+        yield
+        return
+    devices = dx.PADDED_PROJECTION_DEVICES
+    dx.PADDED_PROJECTION_DEVICES = ()
+    try:
+        yield
+    finally:
+        dx.PADDED_PROJECTION_DEVICES = devices
 
 
 # -- timing and memory --------------------------------------------------------------------------
@@ -431,13 +449,15 @@ def run(
         atom_specs = [sp for sp in specs if sp["method"] == "atoms"] or specs
         report["profile"] = profile(atom_specs[0], preset, batch, device, torch_dtype, out).name
     for spec in specs:
-        report["results"].append(measure(spec, preset, batch, device, torch_dtype, timing))
+        with attention_path(spec["method"]):
+            report["results"].append(measure(spec, preset, batch, device, torch_dtype, timing))
         _relate(report)
         save()
-    for spec in specs:
-        if spec["method"] in compiled:
+    for spec in specs:  # atoms compiled at the first --atoms size only: compiling costs minutes
+        if spec["method"] in compiled and spec.get("num_atoms") in (None, counts[0]):
             row = next(r for r in report["results"] if r["label"] == spec["label"])
-            row.update(measure_compiled(spec, preset, batch, device, torch_dtype, timing))
+            with attention_path(spec["method"]):
+                row.update(measure_compiled(spec, preset, batch, device, torch_dtype, timing))
             _relate(report)
             save()
     memory_specs = [s for s in specs if s["method"] in ("bare", "lora", "atoms")]
