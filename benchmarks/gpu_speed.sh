@@ -14,8 +14,12 @@
 #                       before), LoRA r=16, DoRA, OFT: eager; inference through regional
 #                       torch.compile for bare, LoRA and atoms at parity; peak training memory at
 #                       512 and 2048 px for bare, LoRA and atoms at parity
+# Needs torch with CUDA, diffusers, peft, safetensors, pytest; atomtune is taken from src/ (no
+# install needed). PYTHON picks the interpreter (default: python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 if [ "${1:-}" = "--tiny" ]; then
     export OMP_NUM_THREADS=1  # proves every step runs, not how fast: one thread copes with a busy CPU
@@ -31,18 +35,19 @@ else
 fi
 dest="${OUT:-benchmarks/results}/$name"
 mkdir -p "$dest"
-python - <<'EOF' | tee "$dest/environment.txt"
+"$py" - <<'EOF' | tee "$dest/environment.txt"
 import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda)
+import diffusers, peft
+print("torch", torch.__version__, "cuda", torch.version.cuda, "diffusers", diffusers.__version__, "peft", peft.__version__)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 EOF
 
 echo "== 1/2 equality tests of the fused attention paths in bf16 (skipped without a GPU)"
-timeout "${limits[0]}" python -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$dest/gpu_tests.txt"
+timeout "${limits[0]}" "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$dest/gpu_tests.txt"
 
 echo "== 2/2 profile, eager table, compiled inference, memory against resolution"
 start=$(date +%s)
-timeout "${limits[1]}" python -m atomtune.benchmark "${bench[@]}" \
+timeout "${limits[1]}" "$py" -m atomtune.benchmark "${bench[@]}" \
     --methods bare,atoms,atoms_padcat,lora,dora,oft --atoms parity,256 --compile bare,lora,atoms \
     --profile --out "$dest" 2>&1 | tee "$dest/benchmark.log"
 status=${PIPESTATUS[0]}
