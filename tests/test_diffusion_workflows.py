@@ -322,3 +322,19 @@ def test_a_budget_run_reports_its_true_sparsity_everywhere(tmp_path, capsys):
     assert "2.0 live atoms" in capsys.readouterr().out
     rankings = json.loads((tmp_path / "a" / "rankings.json").read_text())
     assert rankings["sparsity"]["mean"]["live_atoms"] == 2
+
+
+def test_generate_compiled_equals_eager(runs, tmp_path):
+    """``generate --compile``: the compiled blocks draw the eager image (steering included), and a
+    pipeline passed in gets its eager blocks back."""
+    pipe = tiny_pixart_pipeline()
+    blocks = list(pipe.transformer.transformer_blocks)
+    kwargs = dict(adapters=[runs / "dog" / "adapter"], top_k=4, steps=2, progress=False)
+    eager = generate(pipe, ["a sks dog"], tmp_path / "eager", **kwargs)
+    compiled = generate(pipe, ["a sks dog"], tmp_path / "compiled", compile=True, **kwargs)
+    torch._dynamo.reset()
+    assert compiled.metadata["compiled"] and not eager.metadata["compiled"]
+    assert _diff(_png(eager.images[0]), _png(compiled.images[0])) <= 3
+    base = generate(pipe, ["a sks dog"], tmp_path / "base", steps=2, progress=False)
+    assert _diff(_png(base.images[0]), _png(compiled.images[0])) > 10  # the adapter was active
+    assert list(pipe.transformer.transformer_blocks) == blocks

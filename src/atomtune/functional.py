@@ -3,7 +3,9 @@
 ``A_h·Xc·W_s^h`` is attention applied to extra value channels ``c_h = Xc·W_s^h``. The fused path
 widens each head's value by those channels and runs one scaled-dot-product call; q and k are
 zero-padded to the same width, which leaves ``q·k`` unchanged, so the original scale is passed
-explicitly. The naive reference (float64, explicit ``softmax(QKᵀ/√d)``) lives here too: it is what
+explicitly. ``head_padded_linear`` builds those widened heads inside the projections instead:
+zero rows in the weight give the zero padding, and ``W_s`` stacked onto ``to_v``'s weight gives the
+channels, so no activation is padded or concatenated per call. The naive reference (float64, explicit ``softmax(QKᵀ/√d)``) lives here too: it is what
 the tests hold the fused path to.
 """
 
@@ -68,6 +70,60 @@ def attention_with_atoms(
         F.pad(q, qk_pad), F.pad(k, qk_pad), wide_v, attn_mask=attn_mask, scale=scale
     )
     return out[..., :d], out[..., d : d + m]
+
+
+def head_width(head_dim: int, channels: int, pad_to: int = 8) -> int:
+    """Width of a widened head: ``head_dim`` values, then ``channels`` coefficients, rounded up."""
+    return _round_up(head_dim + channels, pad_to)
+
+
+def head_padded_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    heads: int,
+    width: int,
+    extra: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x·Wᵀ + b`` split into heads of ``width`` columns: (B, L, C) → (B, H, L, width).
+
+    Head h holds its ``d`` projected channels, then its share of ``x·extra`` (``extra`` is (C, M),
+    M/H columns per head), then zeros: what ``F.pad(torch.cat([v, c], -1))`` gives, from one matmul
+    whose weight carries the layout. The weight is rebuilt per call (a copy of C·H·width numbers,
+    small against the activations at any useful token count), so edits to the host weights or to
+    ``extra`` are never served stale.
+
+    With ``extra`` requiring a gradient the stacked weight's gradient would cost a full-size
+    product; add the channels into the zero slots instead (see ``integrations.diffusers``).
+    """
+    out_features, c_in = weight.shape
+    d = out_features // heads
+    m = 0 if extra is None else extra.shape[1] // heads
+    parts = [weight.view(heads, d, c_in)]
+    if extra is not None:
+        parts.append(extra.t().reshape(heads, m, c_in).to(weight.dtype))
+    if width > d + m:
+        parts.append(weight.new_zeros(heads, width - d - m, c_in))
+    wide = torch.cat(parts, dim=1).view(heads * width, c_in)
+    wide_bias = None
+    if bias is not None:
+        wide_bias = F.pad(bias.view(heads, d), (0, width - d)).view(heads * width)
+    b, length, _ = x.shape
+    return F.linear(x, wide, wide_bias).view(b, length, heads, width).transpose(1, 2)
+
+
+def attention_padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    wide_v: torch.Tensor,
+    head_dim: int,
+    channels: int,
+    attn_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_with_atoms`` on heads already widened (``head_padded_linear``): q, k zero-padded
+    and ``wide_v = [v | c | 0]`` per head, all (B, H, ·, width). Same ``(values, coefficients)``."""
+    out = F.scaled_dot_product_attention(q, k, wide_v, attn_mask=attn_mask, scale=1.0 / math.sqrt(head_dim))
+    return out[..., :head_dim], out[..., head_dim : head_dim + channels]
 
 
 def naive_attention(

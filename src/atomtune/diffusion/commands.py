@@ -194,6 +194,7 @@ def _generate(args: argparse.Namespace) -> None:
         combine=args.combine,
         subject=args.subject,
         token=args.token,
+        compile=args.compile,
         **_loading_kwargs(args),
     )
     print(
@@ -224,6 +225,11 @@ def _add_generate(sub) -> None:
         "--subject", default=None, help="subject name in manifest.json (default: the --out folder's name)"
     )
     p.add_argument("--token", default="sks", help="unique token, stripped from prompts by `atomtune eval`")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the transformer through torch.compile (the first image pays the compile time)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_generate)
 
