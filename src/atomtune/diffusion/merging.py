@@ -19,6 +19,7 @@ from ..errors import AtomtuneError
 from ..merge import MERGES, atom_overlap
 from ..model import AtomModel
 from ..stats import weight_importance
+from ..validation import check_output_not_input
 from .images import save_json, save_text
 from .methods import AtomTuned, check_base, read_adapter_info
 from .pipeline import load_transformer, pipeline_name
@@ -58,6 +59,7 @@ def merge(
         raise AtomtuneError(f"merge must be one of {', '.join(MERGES)}; got {how!r}")
     if k is not None and k < 1:
         raise AtomtuneError(f"top-k for the overlap must be >= 1, got {k}")
+    check_output_not_input(out_dir, (concept, style))  # the merge would overwrite an input
     infos = {}
     for role, directory in (("concept", concept), ("style", style)):
         infos[role] = read_adapter_info(directory)

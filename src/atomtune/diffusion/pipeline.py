@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import AtomtuneError
+from ..validation import check_device
 
 TINY = "tiny"
 DIGITS = "digits"  # the offline testbed's pretrained digit model (atomtune.testbed)
@@ -141,7 +142,7 @@ def load_pipeline(
     A hub id is looked up in the Hugging Face cache first; without network and without a cached copy
     the error says what was looked for and how to point at a local copy instead.
     """
-    device = device or default_device()
+    device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
     if pretrained in (TINY, DIGITS):
         if pretrained == TINY:
@@ -206,7 +207,7 @@ def load_transformer(
     local_files_only: bool = False,
 ) -> torch.nn.Module:
     """Only the denoising transformer (what adapters attach to), without text encoder or VAE."""
-    device = device or default_device()
+    device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
     if pretrained == TINY:
         transformer = tiny_pixart_pipeline().transformer.to(device)

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import AtomtuneError
+from ..progress import progress_bar
 from ..serialization import atomic_write
 from .evaluate import assemble, write_results
 from .manifest import ImageRecord, default_image_path, read_manifest, write_manifest
@@ -249,7 +249,7 @@ def run_benchmark(
     if isinstance(evaluator, Evaluator):
         names.update({k: v for k, v in evaluator.names.items() if k not in names})
     with state.split_between_processes(pending) as mine:
-        bar = tqdm(
+        bar = progress_bar(
             mine, desc="benchmark", unit="pair", disable=not (progress and state.is_local_main_process)
         )
         for job in bar:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..diffusion.images import grid, save_json, save_png, save_text
 from ..errors import AtomtuneError
+from ..progress import progress_bar
 from ..selection import top_k_masks
 from ..serialization import read_json
 from . import customize as cz
@@ -117,7 +117,7 @@ def run_bench(
         base = {"method": "pretrained (no tuning)", **evaluate(out / "base")}
         save_json(base, base_file)
     jobs = [(m, lr, settings.select_seed) for m in settings.methods for lr in settings.learning_rates]
-    bar = tqdm(
+    bar = progress_bar(
         total=len(jobs) + len(settings.methods) * len(settings.seeds), desc="bench", disable=not progress
     )
     selection: dict[str, list[dict[str, Any]]] = {m: [] for m in settings.methods}

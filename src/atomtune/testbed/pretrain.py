@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_training_state, save_training_state
 from ..errors import AtomtuneError
+from ..progress import progress_bar
 from ..serialization import atomic_write
 from .digits import all_captions, load_digits, random_attributes, render_batch, split_indices
 from .model import WEIGHTS, build_transformer, model_config, scheduler_config, training_scheduler
@@ -119,7 +119,7 @@ def pretrain(
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         schedule.last_epoch = start
     began = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         range(start, settings.steps),
         initial=start,
         total=settings.steps,
