@@ -43,6 +43,9 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 def build_transformer(preset: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import PixArtTransformer2DModel
 
+    from .progress import show_notices_once
+
+    show_notices_once(("diffusers",))  # a notice per model built would repeat once per method
     p = PRESETS[preset]
     torch.manual_seed(0)
     with torch.device(device):  # initialise in place: a 600 M model builds in seconds on a GPU

@@ -8,6 +8,7 @@ every call (diffusers, transformers) show each distinct notice once per process.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import sys
@@ -65,13 +66,13 @@ class _Once(logging.Filter):
         self.seen: set[tuple[str, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            return True
-        key = (record.name, record.getMessage())
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
+        decided = getattr(record, "_shown_once", None)  # one record passes several handlers
+        if decided is None:
+            key = (record.name, record.getMessage())
+            decided = record.levelno >= logging.ERROR or key not in self.seen
+            self.seen.add(key)
+            record._shown_once = decided
+        return decided
 
 
 _ONCE = _Once()
@@ -80,6 +81,10 @@ _ONCE = _Once()
 def show_notices_once(libraries: tuple[str, ...] = ("diffusers", "transformers")) -> None:
     """Make each library's repeated notices (a warning per model load or per call) appear once."""
     for name in libraries:
+        try:
+            importlib.import_module(name)  # the library sets up its logger (and handler) on import
+        except ImportError:
+            continue
         logger = logging.getLogger(name)
         for target in (logger, *logger.handlers):  # a child logger's records reach only the handlers
             if _ONCE not in target.filters:

@@ -126,7 +126,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise AtomtuneError(f"{path} is missing: not an atomtune adapter folder")
     meta = check_fields(read_json(path), _TOP_LEVEL, _TOP_LEVEL, str(path))
-    if meta["format_version"] != FORMAT_VERSION:
+    if type(meta["format_version"]) is not int or meta["format_version"] != FORMAT_VERSION:
         raise AtomtuneError(
             f"{path} has format_version {meta['format_version']!r}, this atomtune reads {FORMAT_VERSION}"
         )

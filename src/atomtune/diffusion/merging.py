@@ -85,7 +85,9 @@ def merge(
         handle.load_adapter(style, "style")
         importance, source = _importance(handle, pipe, prompts, seeds, steps, guidance_scale, progress)
         smallest = min(len(v) for v in importance["concept"].values())
-        k_used = min(k, smallest) if k is not None else max(1, smallest // 8)
+        if k is not None and k > smallest:
+            raise AtomtuneError(f"top-k for the overlap must be <= {smallest} (the adapter's atoms), got {k}")
+        k_used = k if k is not None else max(1, smallest // 8)
         overlap = atom_overlap(importance["concept"], importance["style"], k_used)
         handle.merge("concept", "style", "merged", how=how)
         out = Path(out_dir).expanduser()

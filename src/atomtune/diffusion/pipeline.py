@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import AtomtuneError
+from ..progress import show_notices_once
 from ..validation import check_device
 
 TINY = "tiny"
@@ -144,6 +145,7 @@ def load_pipeline(
     """
     device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
+    show_notices_once()
     if pretrained in (TINY, DIGITS):
         if pretrained == TINY:
             pipe = tiny_pixart_pipeline()
@@ -209,6 +211,7 @@ def load_transformer(
     """Only the denoising transformer (what adapters attach to), without text encoder or VAE."""
     device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
+    show_notices_once()
     if pretrained == TINY:
         transformer = tiny_pixart_pipeline().transformer.to(device)
         return transformer if torch_dtype == torch.float32 else transformer.to(dtype=torch_dtype)
