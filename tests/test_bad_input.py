@@ -722,6 +722,26 @@ def _(tmp, m):
     return _train_args(images, images), "output_dir"
 
 
+@row("output is an input", "eval --out the manifest it reads", guarded="gen")
+def _(tmp, m):
+    from atomtune.evaluation.manifest import ImageRecord, write_manifest
+
+    gen = tmp / "gen"
+    gen.mkdir()
+    _png(gen / "a.png", 0)
+    write_manifest(gen, [ImageRecord("a.png", "dog", "a sks dog", 0, "atoms")])
+    argv = [
+        "eval",
+        str(gen),
+        "--real",
+        str(m["images"]),
+        "--tiny-models",
+        "--out",
+        str(gen / "manifest.json"),
+    ]
+    return argv, "is one of the inputs"
+
+
 # -- the test -------------------------------------------------------------------------------------
 def _snapshot(folder: Path) -> dict[str, str]:
     return {

@@ -68,6 +68,9 @@ def _eval(args: argparse.Namespace) -> None:
     from .manifest import read_manifest
 
     read_manifest(args.generated)  # a missing or broken folder fails before models load
+    out = Path(args.out) if args.out else Path(args.generated) / "eval.json"
+    for written in (out, out.with_suffix(".md")):  # the results and their table must not replace the manifest
+        check_output_not_input(written, (Path(args.generated) / "manifest.json",), "--out")
     evaluator = _evaluator_factory(args)()
     results = evaluate_folder(
         args.generated,
@@ -77,7 +80,6 @@ def _eval(args: argparse.Namespace) -> None:
         subjects=_names(args.subjects),
         methods=_names(args.methods),
     )
-    out = Path(args.out) if args.out else Path(args.generated) / "eval.json"
     table = write_results(results, out)
     print(table.read_text(), end="")
     print(f"wrote {out} and {table}")
