@@ -7,7 +7,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ..validation import COUNT, NON_NEGATIVE_INT, POSITIVE, SEED, device_option, option
+from ..validation import COUNT, SEED, device_option, option
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -107,7 +107,7 @@ def register(sub) -> None:
     """Add ``demo`` and ``testbed`` with its sub-commands to the main parser's sub-parsers."""
     p = sub.add_parser("demo", help="the main job: teach the shipped digit model a new digit with atoms")
     p.add_argument("--out", default="atomtune-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=COUNT, default=300)
+    p.add_argument("--steps", type=int, default=300)  # DemoSettings checks it, before anything runs
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_demo)
@@ -117,14 +117,14 @@ def register(sub) -> None:
 
     p = tb.add_parser("pretrain", help="pretrain the digit DiT (resumes from --out's last checkpoint)")
     p.add_argument("--out", required=True, help="run folder: checkpoints and digit_dit.safetensors")
-    p.add_argument("--steps", type=COUNT)
-    p.add_argument("--batch", type=COUNT)
-    p.add_argument("--lr", type=POSITIVE)
-    p.add_argument("--holdout-digit", type=DIGIT)
-    p.add_argument("--checkpoint-every", type=NON_NEGATIVE_INT)
-    p.add_argument("--seed", type=SEED)
-    p.add_argument("--heads", type=COUNT, help="attention heads (x 32 wide)")
-    p.add_argument("--layers", type=COUNT, help="transformer blocks")
+    p.add_argument("--steps", type=int)  # PretrainSettings checks these, before anything runs
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--holdout-digit", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--heads", type=int, help="attention heads (x 32 wide)")
+    p.add_argument("--layers", type=int, help="transformer blocks")
     p.add_argument("--patch-size", type=int, choices=(2, 3, 4))
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
     p.add_argument("--device", type=device_option, default="cpu")

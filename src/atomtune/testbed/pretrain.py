@@ -21,6 +21,7 @@ from ..checkpoint import latest_checkpoint, load_training_state, save_training_s
 from ..errors import AtomtuneError
 from ..progress import progress_bar
 from ..serialization import atomic_write
+from ..validation import check_number, check_seed
 from .digits import all_captions, load_digits, random_attributes, render_batch, split_indices
 from .model import WEIGHTS, build_transformer, model_config, scheduler_config, training_scheduler
 from .text import CaptionEncoder
@@ -48,6 +49,8 @@ class PretrainSettings:
                 raise AtomtuneError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 <= self.holdout_digit <= 9:
             raise AtomtuneError(f"holdout_digit must be 0-9, got {self.holdout_digit}")
+        check_number("lr", self.lr, above=0)  # also refuses nan and inf
+        check_seed("seed", self.seed)
         if self.lr <= 0 or not 0 <= self.ema < 1 or not 0 <= self.caption_dropout < 1:
             raise AtomtuneError("lr must be > 0, ema and caption_dropout in [0, 1)")
         model_config(self.heads, self.layers, self.patch_size)  # raise early on a bad architecture
