@@ -62,6 +62,9 @@ def build_transformer(preset: str, device: str, dtype: torch.dtype, sample: int 
     """PixArt at the preset's size with random weights; ``sample`` (latent side) overrides the preset's."""
     from diffusers import PixArtTransformer2DModel
 
+    from .progress import show_notices_once
+
+    show_notices_once(("diffusers",))  # a notice per model built would repeat once per method
     p = PRESETS[preset]
     sample = sample or p["sample"]
     torch.manual_seed(0)

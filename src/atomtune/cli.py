@@ -9,6 +9,14 @@ from pathlib import Path
 
 from . import __version__
 from .errors import AtomtuneError
+from .validation import COUNT, SEED, SEED_MAX
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends like every other bad input: one line on stderr, exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _selfcheck(args: argparse.Namespace) -> None:
@@ -20,10 +28,9 @@ def _selfcheck(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .serialization import read_adapter_config, read_adapter_tensors
+    from .serialization import read_adapter
 
-    meta = read_adapter_config(args.adapter)
-    tensors = read_adapter_tensors(args.adapter)
+    meta, tensors = read_adapter(args.adapter)
     config = meta["config"]
     print(
         f"adapter {meta['adapter_name']!r} for {meta['base_model']['class']} "
@@ -70,8 +77,8 @@ def _json_field(path: Path, key: str):
 def _fourier(args: argparse.Namespace) -> None:
     from .experiments.fourier import FourierSettings, run_fourier
 
-    if args.seed < 0 or (args.steps is not None and args.steps < 1):
-        raise AtomtuneError("seed must be >= 0 and steps >= 1")
+    if not 0 <= args.seed <= SEED_MAX or (args.steps is not None and args.steps < 1):
+        raise AtomtuneError(f"seed must be in 0..{SEED_MAX} and steps >= 1")
     settings = FourierSettings.fast(args.seed) if args.fast else FourierSettings(seed=args.seed)
     if args.steps is not None:
         settings = settings.replace(steps=args.steps)
@@ -86,7 +93,7 @@ def _fourier(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="atomtune", description="Sparse fine-tuning of transformers with feature-dictionary atoms."
     )
     parser.add_argument("--version", action="version", version=f"atomtune {__version__}")
@@ -94,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("selfcheck", help="fine-tune a tiny PixArt transformer with atoms and report")
     p.add_argument("--out", default="atomtune-selfcheck", help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=COUNT, default=400)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_selfcheck)
 

@@ -86,12 +86,11 @@ class AtomConfig:
         _choice("shrinkage", self.shrinkage, SHRINKAGES)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("attention", self.attention, ATTENTION_KINDS)
-        if not isinstance(self.num_atoms, int) or self.num_atoms < 1:
+        if not isinstance(self.num_atoms, int) or isinstance(self.num_atoms, bool) or self.num_atoms < 1:
             raise AtomtuneError(f"num_atoms must be a positive integer, got {self.num_atoms!r}")
         if self.shrinkage == "topk" and not (isinstance(self.topk, int) and self.topk >= 1):
             raise AtomtuneError(f"topk must be a positive integer, got {self.topk!r}")
-        if self.lambda_init < 0:
-            raise AtomtuneError(f"lambda_init must be >= 0, got {self.lambda_init}")
+        _check_fields_types(self)
         _choice("prune_by", self.prune_by, PRUNE_BY)
         if self.atom_budget is not None and (
             not isinstance(self.atom_budget, int)
@@ -117,6 +116,8 @@ class AtomConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AtomConfig:
         """Build from a dict, refusing unknown fields (a typo must not silently become a default)."""
+        if not isinstance(data, dict):
+            raise AtomtuneError(f"an AtomConfig must be an object of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -128,6 +129,28 @@ class AtomConfig:
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_fields_types(config: AtomConfig) -> None:
+    """Numbers finite and in range, flags true/false, names strings: a settings file or an
+    ``adapter_config.json`` can hold anything."""
+    from .validation import check_number, check_type
+
+    for name in ("lambda_init", "sparsity_weight", "orthogonality_weight", "init_scale"):
+        check_number(name, getattr(config, name), minimum=0)
+    check_number("topk", config.topk, integer=True, minimum=1)
+    for name in ("learn_lambda", "fused"):
+        check_type(name, getattr(config, name), bool, "true or false")
+    target = config.target_modules
+    if not (target is None or isinstance(target, str) or _all(target, str)):
+        raise AtomtuneError(f"target_modules must be a regex or a list of them, got {target!r}")
+    if not (config.layers is None or _all(config.layers, int)):
+        raise AtomtuneError(f"layers must be a list of integers, got {config.layers!r}")
+    check_type("base_model_name_or_path", config.base_model_name_or_path, (str, type(None)), "a string")
+
+
+def _all(values: Any, kind: type) -> bool:
+    return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
 
 
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import AtomConfig
 from .model import AtomModel
+from .progress import progress_bar
 from .selection import share_masks
 from .serialization import atomic_write
 from .stats import AtomStatistics
@@ -54,7 +54,7 @@ def run_selfcheck(
     atoms = AtomModel(model, AtomConfig(num_atoms=32, sparsity_weight=1e-2, lambda_init=1e-2))
     optimizer = torch.optim.AdamW(atoms.trainable_parameters(), lr=3e-3, weight_decay=0.0)
     first_loss = None
-    bar = tqdm(range(steps), desc="self-check", disable=not progress)
+    bar = progress_bar(range(steps), desc="self-check", disable=not progress)
     for _ in bar:
         task = (predict(concept) - target).pow(2).mean()
         reg = atoms.regularization_loss()

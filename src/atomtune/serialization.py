@@ -1,8 +1,9 @@
 """Save and load one adapter: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Loading checks everything before it touches the model: the config's fields, the base model's
-class, each module's kind and shapes, every tensor's presence and shape. The first mismatch is
-named in the error. Files are written to a temporary name and renamed, so an interrupted save
+Loading checks everything before it touches the model: every field of the config (presence and
+JSON type), the base model's class, each module's kind and shapes, and every tensor's presence,
+shape, dtype and finiteness (no tensor the config does not name). The first problem is named in
+the error, with the file and the entry. Files are written to a temporary name and renamed, so an interrupted save
 never leaves a half-written adapter behind.
 """
 
@@ -22,6 +23,7 @@ from . import __version__
 from .config import AtomConfig
 from .errors import AtomtuneError
 from .layer import AtomAttention
+from .validation import check_tensor, check_type, number_problem
 
 if TYPE_CHECKING:
     from .model import AtomModel
@@ -31,6 +33,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 TENSORS = ("W_s", "D", "lam", "mask", "gain", "atom_ids")
 _TOP_LEVEL = {"format_version", "atomtune_version", "adapter_name", "config", "base_model", "modules"}
+_MODULE_FIELDS = {"kind", "in_features", "out_features", "num_atoms", "heads"}
+_FLOAT_DTYPES = (torch.float32, torch.float64)  # atoms follow a float64 model, else are float32
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
@@ -69,7 +73,7 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 def check_fields(obj: Any, known: set[str], required: set[str], where: str) -> dict:
     """``obj`` must be a JSON object with no field outside ``known`` and every field of ``required``."""
     if not isinstance(obj, dict):
-        raise AtomtuneError(f"{where} must hold a JSON object")
+        raise AtomtuneError(f"{where} must hold a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - known)
     if unknown:
         raise AtomtuneError(f"{where} has unknown field(s): {', '.join(unknown)}")
@@ -114,29 +118,86 @@ def save_adapter(handle: AtomModel, directory: str | Path, adapter: str) -> Path
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    """Read and check ``adapter_config.json``; the config inside is validated as an ``AtomConfig``."""
+    """Read and check ``adapter_config.json``: every field's presence and JSON type; the config
+    inside is validated as an ``AtomConfig``."""
     path = Path(directory) / CONFIG_NAME
     if not Path(directory).is_dir():
         raise AtomtuneError(f"adapter folder not found: {directory}")
     if not path.is_file():
         raise AtomtuneError(f"{path} is missing: not an atomtune adapter folder")
     meta = check_fields(read_json(path), _TOP_LEVEL, _TOP_LEVEL, str(path))
-    if meta["format_version"] != FORMAT_VERSION:
+    if type(meta["format_version"]) is not int or meta["format_version"] != FORMAT_VERSION:
         raise AtomtuneError(
-            f"{path} has format_version {meta['format_version']}, this atomtune reads {FORMAT_VERSION}"
+            f"{path} has format_version {meta['format_version']!r}, this atomtune reads {FORMAT_VERSION}"
         )
-    meta["config"] = AtomConfig.from_dict(meta["config"])
+    check_type(f"{path}: atomtune_version", meta["atomtune_version"], str, "a string")
+    check_type(f"{path}: adapter_name", meta["adapter_name"], str, "a string")
+    base = check_fields(meta["base_model"], {"class", "name_or_path"}, {"class"}, f"{path}: base_model")
+    check_type(f"{path}: base_model.class", base["class"], str, "a string")
+    check_type(f"{path}: base_model.name_or_path", base.get("name_or_path"), (str, type(None)), "a string")
+    modules = check_type(f"{path}: modules", meta["modules"], dict, "an object {module: shapes}")
+    if not modules:
+        raise AtomtuneError(f"{path}: modules is empty: the adapter adapts nothing")
+    for name, shape in modules.items():
+        where = f"{path}: modules.{name}"
+        check_fields(shape, _MODULE_FIELDS, _MODULE_FIELDS, where)
+        check_type(f"{where}.kind", shape["kind"], str, "a string")
+        for key in sorted(_MODULE_FIELDS - {"kind"}):
+            problem = number_problem(shape[key], integer=True, minimum=1)
+            if problem:
+                raise AtomtuneError(f"{where}.{key} {problem}")
+    config = check_type(f"{path}: config", meta["config"], dict, "an object of AtomConfig fields")
+    try:
+        meta["config"] = AtomConfig.from_dict(config)
+    except AtomtuneError as exc:
+        raise AtomtuneError(f"{path}: config: {exc}") from exc
     return meta
 
 
 def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors`` as stored (unchecked: see ``read_adapter``)."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise AtomtuneError(f"{path} is missing")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AtomtuneError(f"{path} is not a readable safetensors file ({exc})") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AtomtuneError(f"{path} is not a readable safetensors file ({reason})") from exc
+
+
+def check_adapter_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Every tensor the config names is there, with its shape, dtype and finite values; no others."""
+    expected = {}
+    for name, shape in meta["modules"].items():
+        for t in TENSORS:
+            expected[f"{name}.{t}"] = (t, _expected_shape(t, shape))
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise AtomtuneError(f"{path} lacks tensor {missing[0]}{more}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise AtomtuneError(f"{path} holds tensor {extra[0]} that {CONFIG_NAME} does not name")
+    for key, (t, shape) in expected.items():
+        where = f"{path}: {key}"
+        tensor = check_tensor(
+            tensors[key], where, shape, (torch.int64,) if t == "atom_ids" else _FLOAT_DTYPES
+        )
+        if t == "mask" and not bool(((tensor == 0) | (tensor == 1)).all()):
+            raise AtomtuneError(f"{where} must hold 0 or 1 per atom")
+        if t == "atom_ids":  # -1 marks the padding atoms that pruning leaves
+            real = [i for i in tensor.tolist() if i != -1]
+            if min(real, default=0) < 0 or len(set(real)) != len(real):
+                raise AtomtuneError(f"{where} must hold distinct atom numbers >= 0 (or -1)")
+
+
+def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``adapter_config.json`` and the tensors of an adapter folder, both checked."""
+    meta = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    check_adapter_tensors(meta, tensors, Path(directory) / WEIGHTS_NAME)
+    return meta, tensors
 
 
 def load_adapter(handle: AtomModel, directory: str | Path, adapter_name: str) -> None:
@@ -159,16 +220,10 @@ def load_adapter(handle: AtomModel, directory: str | Path, adapter_name: str) ->
         raise AtomtuneError(
             f"the model has module {extra[0]!r} that the adapter's config selects but the file lacks"
         )
-    tensors = read_adapter_tensors(directory)
     for name, shape in saved.items():
         _check_module(name, shape, targets[name], config)
-        for t in TENSORS:
-            key = f"{name}.{t}"
-            if key not in tensors:
-                raise AtomtuneError(f"{WEIGHTS_NAME} lacks tensor {key}")
-            expected = _expected_shape(t, shape)
-            if tuple(tensors[key].shape) != expected:
-                raise AtomtuneError(f"{key} has shape {tuple(tensors[key].shape)}, expected {expected}")
+    tensors = read_adapter_tensors(directory)
+    check_adapter_tensors(meta, tensors, Path(directory) / WEIGHTS_NAME)
     handle.add_adapter(adapter_name, config, num_atoms={n: s["num_atoms"] for n, s in saved.items()})
     with torch.no_grad():
         for name, atoms in handle.atoms(adapter_name).items():

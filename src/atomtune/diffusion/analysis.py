@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import AtomtuneError
+from ..progress import progress_bar
 from ..selection import top_k_masks
 from ..serialization import atomic_write, read_json
 from ..stats import AtomStatistics
+from ..validation import check_output_not_input
 from .generate import resolve_pipe
 from .images import grid, save_json, save_png
 from .methods import AtomTuned, load_adapters, read_adapter_info
@@ -58,7 +59,7 @@ def calibrate(
     """Run the sampler for every prompt and seed while collecting atom statistics."""
     encoded, negative = spec.encode_prompts(prompts), spec.encode_prompts([""])
     timesteps: list[int] = []
-    bar = tqdm(total=len(prompts) * len(seeds), desc="calibrate", disable=not progress)
+    bar = progress_bar(total=len(prompts) * len(seeds), desc="calibrate", disable=not progress)
     with torch.no_grad(), AtomStatistics(tuned.handle) as stats:
         for i in range(len(prompts)):
             for seed in seeds:
@@ -140,7 +141,7 @@ def sweep(
     encoded, negative = spec.encode_prompts([prompt]), spec.encode_prompts([""])
     images = []
     try:
-        for k in tqdm(ks, desc="sweep", disable=not progress):
+        for k in progress_bar(ks, desc="sweep", disable=not progress):
             tuned.handle.set_masks(top_k_masks(contribution, k))
             images.append(spec.generate(encoded, negative, seed, steps, guidance_scale, height, width))
     finally:
@@ -168,6 +169,7 @@ def analyze(
     progress: bool = True,
 ) -> AnalysisResult:
     """Calibrate an atoms adapter over prompts and timesteps; write rankings, heatmap and the sweep."""
+    check_output_not_input(out_dir, (adapter,))
     info = read_adapter_info(adapter)
     if info["method"] != "atoms":
         raise AtomtuneError(f"atom analysis needs an atoms adapter; {adapter} is {info['method']}")

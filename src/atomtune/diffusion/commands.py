@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import AtomtuneError
+from ..validation import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, check_seed, device_option
 from .pipeline import DEFAULT_PRETRAINED, TINY
 
 
@@ -36,13 +37,24 @@ ATOM_FLAGS = {  # flag → AtomConfig field, for the atoms method's most used se
 }
 
 
-def int_list(text: str | None, what: str) -> list[int] | None:
+def int_list(text: str | None, what: str, minimum: int | None = None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as exc:
         raise AtomtuneError(f"{what} must be comma-separated integers (e.g. 0,1,2), got {text!r}") from exc
+    if minimum is not None and any(v < minimum for v in values):
+        raise AtomtuneError(f"{what} must be integers >= {minimum}, got {text!r}")
+    return values
+
+
+def seed_list(text: str | None, what: str = "--seeds") -> list[int] | None:
+    """Comma-separated seeds, each in 0 .. 2**32-1."""
+    values = int_list(text, what)
+    for value in values or []:
+        check_seed(what, value)
+    return values
 
 
 def _loading(p: argparse.ArgumentParser, default: str | None = DEFAULT_PRETRAINED) -> None:
@@ -55,15 +67,17 @@ def _loading(p: argparse.ArgumentParser, default: str | None = DEFAULT_PRETRAINE
         "--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: %(default)s)"
     )
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument(
+        "--device", type=device_option, default=None, help="cuda, cpu, ... (default: cuda if available)"
+    )
     p.add_argument("--local-files-only", action="store_true", help="never try the network")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=4.5, help="(default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--steps", type=COUNT, default=20, help="sampler steps (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=NON_NEGATIVE, default=4.5, help="(default: %(default)s)")
+    p.add_argument("--resolution", type=COUNT, default=None, help="image size (default: the model's)")
 
 
 def _loading_kwargs(args: argparse.Namespace) -> dict:
@@ -101,8 +115,9 @@ def _train(args: argparse.Namespace) -> None:
         print(f"class images: {len(result.class_images)} in {result.class_images[0].parent}")
     if result.samples:
         print(f"samples: {', '.join(str(p) for p in result.samples)}")
-    if result.checkpoints:
-        print(f"checkpoints: {', '.join(str(p) for p in result.checkpoints)}")
+    kept = [p for p in result.checkpoints if p.is_dir()]  # older ones go (--checkpoints-total-limit)
+    if kept:
+        print(f"checkpoints: {', '.join(str(p) for p in kept)}")
 
 
 def _add_train(sub) -> None:
@@ -162,6 +177,13 @@ def _add_train(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--checkpoint-every", type=int, default=None, help="write a checkpoint every N steps")
+    p.add_argument(
+        "--checkpoints-total-limit",
+        type=int,
+        default=None,
+        help="checkpoints kept, the newest; older ones are deleted once a new one is complete "
+        "(default: 3; 0 keeps every one)",
+    )
     p.add_argument("--resume", default=None, help="a checkpoint folder, or 'latest' in OUTPUT/checkpoints")
     p.add_argument("--output-dir", "--out", default=None, help="where adapter, samples, checkpoints go")
     p.add_argument("--quiet", action="store_true")
@@ -182,7 +204,7 @@ def _generate(args: argparse.Namespace) -> None:
         adapters=args.adapter,
         num_images=args.num_images,
         seed=args.seed,
-        seeds=int_list(args.seeds, "--seeds"),
+        seeds=seed_list(args.seeds),
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         height=height,
@@ -209,14 +231,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--combine", default="concat", help="several atom adapters: concat (exact) or sum")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
+    p.add_argument("--num-images", type=COUNT, default=1, help="images per prompt (default: %(default)s)")
+    p.add_argument("--seed", type=SEED, default=0, help="first seed; image i uses seed+i")
     p.add_argument("--seeds", default=None, help="explicit seeds, comma-separated")
     _sampling(p)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=COUNT, default=None)
+    p.add_argument("--width", type=COUNT, default=None)
     p.add_argument("--masks", default=None, help="JSON {module: [0/1 per atom]}")
-    p.add_argument("--top-k", type=int, default=None, help="keep the top-k atoms per module")
+    p.add_argument("--top-k", type=NON_NEGATIVE_INT, default=None, help="keep the top-k atoms per module")
     p.add_argument("--rankings", default=None, help="rankings.json of `atomtune atoms` for --top-k")
     p.add_argument(
         "--gain", action="append", default=None, help="MODULE:ATOM=GAIN, e.g. transformer_blocks.1.attn2:3=2"
@@ -244,7 +266,7 @@ def _atoms(args: argparse.Namespace) -> None:
         args.adapter,
         args.out,
         prompts=read_prompts(args.prompt, args.prompts_file),
-        seeds=int_list(args.seeds, "--seeds"),
+        seeds=seed_list(args.seeds),
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         height=args.resolution,
@@ -277,7 +299,7 @@ def _add_atoms(sub) -> None:
     _sampling(p)
     p.add_argument("--sweep", action="store_true", help="generate with the top 1, 2, 4 … M atoms")
     p.add_argument("--sweep-prompt", default=None, help="(default: the first prompt)")
-    p.add_argument("--sweep-seed", type=int, default=None)
+    p.add_argument("--sweep-seed", type=SEED, default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_atoms)
 
@@ -293,7 +315,7 @@ def _edit(args: argparse.Namespace) -> None:
         args.source_prompt,
         args.target_prompt or [],
         args.out,
-        ks=int_list(args.ks, "--ks"),
+        ks=int_list(args.ks, "--ks", minimum=0),
         epochs=args.epochs,
         num_atoms=args.num_atoms,
         learning_rate=args.learning_rate,
@@ -317,11 +339,11 @@ def _add_edit(sub) -> None:
     p.add_argument("--source-prompt", required=True, help="what the image shows")
     p.add_argument("--target-prompt", action="append", help="the edit (repeat for several)")
     p.add_argument("--ks", default=None, help="atoms kept per module, comma-separated (default: 64,16,4,1)")
-    p.add_argument("--epochs", type=int, default=60, help="(default: %(default)s)")
-    p.add_argument("--num-atoms", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--learning-rate", "--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=COUNT, default=60, help="(default: %(default)s)")
+    p.add_argument("--num-atoms", type=COUNT, default=256, help="(default: %(default)s)")
+    p.add_argument("--learning-rate", "--lr", type=POSITIVE, default=1e-4)
     p.add_argument("--mixed-precision", default="no")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     _sampling(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_edit)
@@ -340,7 +362,7 @@ def _merge(args: argparse.Namespace) -> None:
         how=args.how,
         k=args.top_k,
         prompts=read_prompts(args.prompt, args.prompts_file),
-        seeds=int_list(args.seeds, "--seeds"),
+        seeds=seed_list(args.seeds),
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         **_loading_kwargs(args),
@@ -355,12 +377,12 @@ def _add_merge(sub) -> None:
     p.add_argument("concept", help="concept adapter folder")
     p.add_argument("style", help="style adapter folder")
     p.add_argument("--how", default="sum", help="sum (the paper) or concat (exact) (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=None, help="atoms per module compared (default: M/8)")
+    p.add_argument("--top-k", type=COUNT, default=None, help="atoms per module compared (default: M/8)")
     p.add_argument("--prompt", action="append", default=None, help="calibrate importance on prompts")
     p.add_argument("--prompts-file", default=None)
     p.add_argument("--seeds", default=None)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=4.5)
+    p.add_argument("--steps", type=COUNT, default=20)
+    p.add_argument("--guidance-scale", type=NON_NEGATIVE, default=4.5)
     p.add_argument("--out", required=True, help="folder for the merged adapter")
     p.set_defaults(func=_merge)
 
@@ -385,7 +407,7 @@ def _tiny(args: argparse.Namespace) -> None:
 def _add_tiny(sub) -> None:
     p = sub.add_parser("tiny-pipeline", help="write a tiny PixArt-Σ pipeline folder (random weights, 32 px)")
     p.add_argument("out", help="folder to create")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=_tiny)
 
 

@@ -14,6 +14,8 @@ import torch
 from ..errors import AtomtuneError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+#: the most pixels an image may have (PIL's own guard against decompression bombs, 89 million)
+MAX_PIXELS = 89_478_485
 
 
 def list_images(source: str | Path, what: str = "instance images") -> list[Path]:
@@ -34,13 +36,25 @@ def list_images(source: str | Path, what: str = "instance images") -> list[Path]
 
 
 def open_image(path: Path):
-    """The image at ``path`` as RGB; a clear error when it is not a readable image."""
+    """The image at ``path`` as RGB; a clear error when it is not a readable image or is larger than
+    ``MAX_PIXELS`` (a small file can claim billions of pixels and exhaust the memory)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise AtomtuneError(
+                        f"{path} is {img.width}x{img.height} pixels, more than the {MAX_PIXELS:,} "
+                        "an image may have; resize it first"
+                    )
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise AtomtuneError(f"{path} has more pixels than an image may have ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise AtomtuneError(f"{path} is not a readable image ({exc.__class__.__name__})") from exc
 
 
@@ -95,14 +109,26 @@ def check_prompts(instance_prompt: str, token: str | None, class_prompt: str | N
         )
 
 
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a clear error for a missing file or one that is not text."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AtomtuneError(f"{what} not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AtomtuneError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from exc
+    if "\x00" in text:
+        raise AtomtuneError(f"{what} {path} is not text (it holds NUL bytes)")
+    return text
+
+
 def read_prompts(prompts: list[str] | None = None, prompts_file: str | Path | None = None) -> list[str]:
     """Prompts from flags and/or a file (one per line; blank lines and ``#`` comments skipped)."""
     result = [p for p in (prompts or []) if p.strip()]
     if prompts_file is not None:
         path = Path(prompts_file).expanduser()
-        if not path.is_file():
-            raise AtomtuneError(f"prompts file not found: {path}")
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text_file(path, "prompts file").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 result.append(line)

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import AtomtuneError
 from ..evaluation.manifest import ImageRecord, write_manifest
 from ..integrations.diffusers import compile_blocks
 from ..merge import MERGES
+from ..progress import progress_bar
 from ..selection import top_k_masks
 from ..serialization import read_json
+from ..validation import check_number, check_output_not_input
 from .images import grid, save_json, save_png
 from .methods import AtomTuned, Tuned, load_adapters
 from .pipeline import PixArtSpec, load_pipeline, pipeline_name, spec_for
@@ -63,6 +64,7 @@ def parse_gains(specs: list[str] | dict | None) -> dict[str, dict[int, float]]:
             value = float(match["gain"])
         except ValueError as exc:
             raise AtomtuneError(f"gain {spec!r}: {match['gain']!r} is not a number") from exc
+        check_number(f"gain {spec!r}", value)  # 1e999 is inf: it would draw NaN images
         gains.setdefault(match["module"], {})[int(match["atom"])] = value
     return gains
 
@@ -72,8 +74,12 @@ def read_masks(source: str | Path | dict | None) -> dict[str, torch.Tensor] | No
     if source is None:
         return None
     data = source if isinstance(source, dict) else read_json(source, "masks file")
+    where = "masks" if isinstance(source, dict) else f"masks file {source}"
     if not isinstance(data, dict):
-        raise AtomtuneError("masks must map module names to lists of 0/1 per atom")
+        raise AtomtuneError(f"{where} must map module names to lists of 0/1 per atom")
+    for name, value in data.items():
+        if not isinstance(value, list) or not all(v in (0, 1) and not isinstance(v, str) for v in value):
+            raise AtomtuneError(f"{where}: {name} must be a list of 0/1 per atom, got {str(value)[:40]}")
     return {name: torch.as_tensor(value, dtype=torch.float32) for name, value in data.items()}
 
 
@@ -109,8 +115,9 @@ def apply_steering(
     if top_k is not None:
         if masks is not None:
             raise AtomtuneError("give either masks or top-k, not both")
-        if top_k < 0:
-            raise AtomtuneError(f"top-k must be >= 0, got {top_k}")
+        most = max(a.num_atoms for a in tuned.handle.atoms().values())
+        if not 0 <= top_k <= most:
+            raise AtomtuneError(f"top-k must be in 0..{most} (the adapter's atoms per module), got {top_k}")
         if rankings is not None:
             masks = masks_from_rankings(rankings, tuned, top_k)
             used["importance"] = "rankings"
@@ -144,7 +151,7 @@ def render(
     spec.check_resolution(height, width)
     encoded, negative = spec.encode_prompts(prompts), spec.encode_prompts([""])
     rows = []
-    bar = tqdm(total=len(prompts) * len(seeds), desc=desc, disable=not progress)
+    bar = progress_bar(total=len(prompts) * len(seeds), desc=desc, disable=not progress)
     for i in range(len(prompts)):
         row = []
         for seed in seeds:
@@ -192,6 +199,7 @@ def generate(
     """
     if not prompts:
         raise AtomtuneError("no prompt given (--prompt or --prompts-file)")
+    check_output_not_input(out_dir, adapters or [])
     if num_images < 1:
         raise AtomtuneError(f"num-images must be >= 1, got {num_images}")
     if combine not in MERGES:

@@ -19,6 +19,7 @@ from ..errors import AtomtuneError
 from ..merge import MERGES, atom_overlap
 from ..model import AtomModel
 from ..stats import weight_importance
+from ..validation import check_output_not_input
 from .images import save_json, save_text
 from .methods import AtomTuned, check_base, read_adapter_info
 from .pipeline import load_transformer, pipeline_name
@@ -58,6 +59,7 @@ def merge(
         raise AtomtuneError(f"merge must be one of {', '.join(MERGES)}; got {how!r}")
     if k is not None and k < 1:
         raise AtomtuneError(f"top-k for the overlap must be >= 1, got {k}")
+    check_output_not_input(out_dir, (concept, style))  # the merge would overwrite an input
     infos = {}
     for role, directory in (("concept", concept), ("style", style)):
         infos[role] = read_adapter_info(directory)
@@ -83,7 +85,9 @@ def merge(
         handle.load_adapter(style, "style")
         importance, source = _importance(handle, pipe, prompts, seeds, steps, guidance_scale, progress)
         smallest = min(len(v) for v in importance["concept"].values())
-        k_used = min(k, smallest) if k is not None else max(1, smallest // 8)
+        if k is not None and k > smallest:
+            raise AtomtuneError(f"top-k for the overlap must be <= {smallest} (the adapter's atoms), got {k}")
+        k_used = k if k is not None else max(1, smallest // 8)
         ids = {role: {m: a.atom_ids for m, a in handle.atoms(role).items()} for role in ("concept", "style")}
         overlap = atom_overlap(
             importance["concept"], importance["style"], k_used, ids["concept"], ids["style"]

@@ -30,7 +30,16 @@ from ..budget import AtomBudgetRun
 from ..config import AtomConfig
 from ..errors import AtomtuneError
 from ..model import AtomModel
-from ..serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_identity, read_json
+from ..serialization import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    check_fields,
+    model_identity,
+    read_adapter_config,
+    read_json,
+)
+from ..validation import check_tensor, check_type, number_problem
 from .images import save_json
 from .pipeline import PixArtSpec
 
@@ -332,6 +341,9 @@ class PeftTuned(Tuned):
         return self.model
 
 
+_PEFT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _is_peft_parameter(name: str) -> bool:
     return any(key in name for key in ("lora_", "oft_"))
 
@@ -352,6 +364,8 @@ def _set_peft_state(model: nn.Module, directory: str | Path, adapter: str) -> No
     from ..serialization import read_adapter_tensors
 
     state = read_adapter_tensors(directory)
+    for key, tensor in state.items():  # PEFT writes float tensors; NaN would draw NaN images
+        check_tensor(tensor, f"{Path(directory) / WEIGHTS_NAME}: {key}", None, _PEFT_DTYPES)
     expected = {
         n for n, _ in model.named_parameters() if f".{adapter}." in f".{n}." and _is_peft_parameter(n)
     }
@@ -395,28 +409,53 @@ def apply_method(
 
 
 def read_adapter_info(directory: str | Path) -> dict[str, Any]:
-    """Method and base model of an adapter folder (atomtune's sidecar, or what its files say)."""
+    """Method and base model of an adapter folder (atomtune's sidecar, or what its files say).
+
+    Every field of the sidecar is checked for its JSON type, so a hand-edited or truncated
+    ``atomtune.json`` ends in one line naming the file and the entry.
+    """
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise AtomtuneError(f"adapter folder not found: {directory}")
     sidecar = directory / SIDECAR
     if sidecar.is_file():
-        info = read_json(sidecar)
-        if not isinstance(info, dict) or info.get("method") not in METHODS:
-            raise AtomtuneError(f"{sidecar} does not name a method ({', '.join(METHODS)})")
-        return info
+        return _check_sidecar(read_json(sidecar), sidecar)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise AtomtuneError(f"{directory} holds no adapter ({CONFIG_NAME} is missing)")
     config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise AtomtuneError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     if "format_version" in config:  # saved by AtomModel.save directly
-        return {"method": "atoms", "base_model": {"pretrained": None, "class": config["base_model"]["class"]}}
+        meta = read_adapter_config(directory)
+        return {"method": "atoms", "base_model": {"pretrained": None, "class": meta["base_model"]["class"]}}
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type == "LORA":
         return {"method": "dora" if config.get("use_dora") else "lora", "base_model": {}}
     if peft_type == "OFT":
         return {"method": "oft", "base_model": {}}
     raise AtomtuneError(f"{config_path} is neither an atomtune nor a LoRA/DoRA/OFT adapter")
+
+
+def _check_sidecar(info: Any, path: Path) -> dict[str, Any]:
+    check_fields(info, {"atomtune_version", "method", "base_model", "merged_from"}, {"method"}, str(path))
+    if info["method"] not in METHODS:
+        raise AtomtuneError(f"{path}: method must be one of {', '.join(METHODS)}, got {info['method']!r}")
+    check_type(f"{path}: atomtune_version", info.get("atomtune_version", ""), str, "a string")
+    check_type(f"{path}: merged_from", info.get("merged_from", {}), dict, "an object")
+    base = check_fields(
+        info.get("base_model", {}), {"pretrained", "class", "projections"}, set(), f"{path}: base_model"
+    )
+    for key in ("pretrained", "class"):
+        check_type(f"{path}: base_model.{key}", base.get(key), (str, type(None)), "a string")
+    projections = base.get("projections")
+    if projections is not None:
+        check_type(f"{path}: base_model.projections", projections, dict, "an object {module: [in, out]}")
+        for name, shape in projections.items():
+            ok = isinstance(shape, list) and len(shape) == 2
+            if not ok or any(number_problem(n, integer=True, minimum=1) for n in shape):
+                raise AtomtuneError(f"{path}: base_model.projections.{name} must be [in, out], got {shape!r}")
+    return info
 
 
 def check_base(model: nn.Module, info: dict[str, Any], directory: str | Path, pretrained: str | None) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ..errors import AtomtuneError
+from ..progress import show_notices_once
+from ..validation import check_device
 
 TINY = "tiny"
 DIGITS = "digits"  # the offline testbed's pretrained digit model (atomtune.testbed)
@@ -141,8 +143,9 @@ def load_pipeline(
     A hub id is looked up in the Hugging Face cache first; without network and without a cached copy
     the error says what was looked for and how to point at a local copy instead.
     """
-    device = device or default_device()
+    device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
+    show_notices_once()
     if pretrained in (TINY, DIGITS):
         if pretrained == TINY:
             pipe = tiny_pixart_pipeline()
@@ -206,8 +209,9 @@ def load_transformer(
     local_files_only: bool = False,
 ) -> torch.nn.Module:
     """Only the denoising transformer (what adapters attach to), without text encoder or VAE."""
-    device = device or default_device()
+    device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
+    show_notices_once()
     if pretrained == TINY:
         transformer = tiny_pixart_pipeline().transformer.to(device)
         return transformer if torch_dtype == torch.float32 else transformer.to(dtype=torch_dtype)

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import AtomtuneError
+from ..progress import progress_bar
+from ..validation import check_number, check_output_not_input, check_seed, check_tensor
 from .data import (
     CAPTIONS,
     check_prompts,
@@ -87,6 +88,7 @@ class TrainSettings:
     sample_steps: int = 20
     guidance_scale: float = 4.5
     checkpoint_every: int = 0
+    checkpoints_total_limit: int = 3  # checkpoints kept (the newest); 0 keeps every one
     resume: str | None = None
 
     # -- building -------------------------------------------------------------------------------
@@ -124,15 +126,20 @@ class TrainSettings:
         for name in ("max_steps", "resolution"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        for name in ("sample_every", "checkpoint_every", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise AtomtuneError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
-        for name in ("learning_rate", "prior_loss_weight", "guidance_scale", "weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise AtomtuneError(f"{name} must be a number >= 0, got {value!r}")
-        if self.learning_rate <= 0:
-            raise AtomtuneError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("sample_every", "checkpoint_every", "checkpoints_total_limit"):
+            check_number(name, getattr(self, name), integer=True, minimum=0)
+        check_seed("seed", self.seed)
+        for name in ("prior_loss_weight", "guidance_scale", "weight_decay", "max_grad_norm"):
+            check_number(name, getattr(self, name), minimum=0)
+        check_number("learning_rate", self.learning_rate, above=0)
+        for name in ("instance_data", "instance_prompt", "output_dir", "pretrained", "dtype", "method"):
+            _check_type(name, getattr(self, name), str)
+        for name in ("variant", "token", "class_prompt", "class_data", "resume"):
+            if getattr(self, name) is not None:
+                _check_type(name, getattr(self, name), str)
+        if not all(isinstance(p, str) for p in self.sample_prompts):
+            raise AtomtuneError(f"sample_prompts must be a list of strings, got {self.sample_prompts!r}")
+        check_output_not_input(self.output_dir, (self.instance_data,), "output_dir")
         if self.optimizer not in OPTIMIZERS:
             raise AtomtuneError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.mixed_precision not in PRECISIONS:
@@ -166,7 +173,12 @@ def read_settings_file(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise AtomtuneError(f"settings file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AtomtuneError(
+            f"settings file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         import yaml
@@ -188,7 +200,7 @@ def read_settings_file(path: str | Path) -> dict[str, Any]:
         raise AtomtuneError(f"settings file must end in .yaml, .yml or .toml: {path}")
     if data is None:
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise AtomtuneError(f"{path} must hold a table of settings (key: value)")
     return data
 
@@ -354,7 +366,7 @@ def _fit(settings, pipe, spec, accelerator, data: _Data, out, resume_dir, resolu
 
     samples: list[Path] = []
     checkpoints: list[Path] = []
-    bar = tqdm(
+    bar = progress_bar(
         total=total, initial=start_step, desc=f"train {settings.method}", disable=not (progress and main)
     )
     for step in range(start_step + 1, total + 1):
@@ -516,7 +528,7 @@ def ensure_class_images(
     missing = count - len(existing)
     if missing > 0:
         encoded, negative = spec.encode_prompts([prompt]), spec.encode_prompts([""])
-        for i in tqdm(range(missing), desc="class images", disable=not progress):
+        for i in progress_bar(range(missing), desc="class images", disable=not progress):
             number = len(existing) + i
             image = spec.generate(
                 encoded, negative, seed + 100_000 + number, steps, guidance_scale, resolution, resolution
@@ -578,7 +590,7 @@ def _generator_states(accelerator, generator: torch.Generator) -> list[torch.Ten
 def _save_checkpoint(out, step, settings, tuned, optimizer, generator_states, history) -> Path:
     """Trained tensors, optimizer and RNG states, step (``atomtune.checkpoint``, safetensors), plus a
     copy of the adapter as it stands, usable with ``generate``."""
-    from ..checkpoint import save_training_state
+    from ..checkpoint import prune_checkpoints, save_training_state
 
     folder = out / "checkpoints" / f"checkpoint-{step:06d}"
     tensors = {**_trainable(tuned), **tuned.training_state()}
@@ -586,6 +598,7 @@ def _save_checkpoint(out, step, settings, tuned, optimizer, generator_states, hi
     extra = {"structure": settings.structure(), "atomtune_version": __version__, "history": history}
     save_training_state(folder, tensors, optimizer, step, extra)
     tuned.save(folder / "adapter")
+    prune_checkpoints(folder.parent, settings.checkpoints_total_limit, newest=folder)  # after it is whole
     return folder
 
 
@@ -596,7 +609,9 @@ def _load_checkpoint(path: Path, settings: TrainSettings, tuned: Tuned, optimize
 
     try:
         structure = json.loads((path / STATE_JSON).read_text())["extra"]["structure"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        if not isinstance(structure, dict):
+            raise TypeError(f"extra.structure is a {type(structure).__name__}")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise AtomtuneError(f"{path} is not a checkpoint of atomtune train ({exc})") from exc
     for key, value in structure.items():
         if getattr(settings, key, None) != value:
@@ -618,11 +633,18 @@ def _load_checkpoint(path: Path, settings: TrainSettings, tuned: Tuned, optimize
         raise AtomtuneError(
             f"checkpoint {path} was written by {len(states)} process(es); this is process {rank}"
         )
+    for name, p in trainable.items():
+        check_tensor(tensors[name], f"checkpoint {path}: model.{name}", tuple(p.shape), (p.dtype,))
+    state = tensors[f"{GENERATOR}.{rank}"]
+    check_tensor(state, f"checkpoint {path}: {GENERATOR}.{rank}", generator.get_state().shape, (torch.uint8,))
+    history = extra.get("history")
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise AtomtuneError(f"checkpoint {path}: extra.history must be a list of records")
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(tensors[name])
-    generator.set_state(tensors[f"{GENERATOR}.{rank}"])
-    return int(step), list(extra["history"])
+    generator.set_state(state)
+    return int(step), list(history)
 
 
 # -- what is written with the adapter -----------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AtomtuneError
+from ..validation import COUNT, SEED, check_output_not_input, device_option
 from .metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 
@@ -67,6 +68,9 @@ def _eval(args: argparse.Namespace) -> None:
     from .manifest import read_manifest
 
     read_manifest(args.generated)  # a missing or broken folder fails before models load
+    out = Path(args.out) if args.out else Path(args.generated) / "eval.json"
+    for written in (out, out.with_suffix(".md")):  # the results and their table must not replace the manifest
+        check_output_not_input(written, (Path(args.generated) / "manifest.json",), "--out")
     evaluator = _evaluator_factory(args)()
     results = evaluate_folder(
         args.generated,
@@ -76,7 +80,6 @@ def _eval(args: argparse.Namespace) -> None:
         subjects=_names(args.subjects),
         methods=_names(args.methods),
     )
-    out = Path(args.out) if args.out else Path(args.generated) / "eval.json"
     table = write_results(results, out)
     print(table.read_text(), end="")
     print(f"wrote {out} and {table}")
@@ -88,12 +91,16 @@ def _benchmark(args: argparse.Namespace) -> None:
     from .dit import dit_train_and_generate
     from .runner import run_benchmark, synthetic_train_and_generate
 
+    check_output_not_input(args.out, (args.dataset,))
     settings: dict[str, Any] = {"generator": args.generator, "metrics": _model_names(args)}
     if args.generator == "synthetic":
         train_and_generate = synthetic_train_and_generate
     else:
+        from .dit import check_options
+
         train_opts = _key_values(args.train_arg, "--train-arg")
         gen_opts = _key_values(args.generate_arg, "--generate-arg")
+        check_options(train_opts, gen_opts)  # before any subject is trained or anything written
         settings.update(
             pretrained=args.pretrained,
             train=train_opts,
@@ -150,9 +157,14 @@ def _metric_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tiny random-weight DINO and CLIP built in-process (offline smoke runs; scores mean nothing)",
     )
-    g.add_argument("--device", default=None, help="device for the metric models (default: cuda if present)")
     g.add_argument(
-        "--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)"
+        "--device",
+        type=device_option,
+        default=None,
+        help="device for the metric models (default: cuda if present)",
+    )
+    g.add_argument(
+        "--batch-size", type=COUNT, default=32, help="images per forward pass (default: %(default)s)"
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -191,8 +203,8 @@ def add_eval_subcommands(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output folder (reuse it to resume)")
     p.add_argument("--subjects", default=None, help="comma-separated subject names (default: all 30)")
     p.add_argument("--methods", default="atoms", help="comma-separated methods (default: %(default)s)")
-    p.add_argument("--images-per-prompt", type=int, default=4, help="default: %(default)s, as DreamBooth")
-    p.add_argument("--seed", type=int, default=0, help="images use seeds SEED, SEED+1, ... (default: 0)")
+    p.add_argument("--images-per-prompt", type=COUNT, default=4, help="default: %(default)s, as DreamBooth")
+    p.add_argument("--seed", type=SEED, default=0, help="images use seeds SEED, SEED+1, ... (default: 0)")
     p.add_argument("--token", default="sks", help="unique token of the subject (default: %(default)s)")
     p.add_argument(
         "--generator",

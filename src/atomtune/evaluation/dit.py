@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import AtomtuneError
 from ..serialization import atomic_write
+from ..validation import check_number, check_type
 from .manifest import ImageRecord, default_image_path, write_manifest
 from .runner import BenchmarkJob
 
@@ -99,7 +100,28 @@ def _generate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         raise AtomtuneError(
             f"unknown generation option(s): {', '.join(unknown)} (known: {', '.join(GENERATE_DEFAULTS)})"
         )
-    return {**GENERATE_DEFAULTS, **options}
+    gen = {**GENERATE_DEFAULTS, **options}
+    check_number("generation option steps", gen["steps"], integer=True, minimum=1)
+    check_number("generation option guidance_scale", gen["guidance_scale"], minimum=0)
+    if gen["resolution"] is not None:
+        check_number("generation option resolution", gen["resolution"], integer=True, minimum=1)
+    check_type("generation option negative_prompt", gen["negative_prompt"], str, "a string")
+    return gen
+
+
+def check_options(
+    train_options: Mapping[str, Any] | None, generate_options: Mapping[str, Any] | None
+) -> None:
+    """Refuse bad ``--train-arg`` / ``--generate-arg`` values before the first job starts."""
+    from ..diffusion.trainer import TrainSettings
+
+    _generate_options(generate_options)
+    options = {k: v for k, v in dict(train_options or {}).items() if k != "pretrained"}
+    token = options.get("token", "sks")
+    prompt = f"a {token} thing" if isinstance(token, str) and token.strip() else "a sks thing"
+    # the job's own fields (data, prompt, output) are placeholders here: only the options are checked
+    job = {"instance_data": "instance", "instance_prompt": prompt, "output_dir": "output"}
+    TrainSettings.build(**{**job, **options})
 
 
 def _job_from(spec: Mapping[str, Any]) -> BenchmarkJob:
@@ -159,13 +181,14 @@ def _run(spec: Mapping[str, Any]) -> Path:
     model.check_resolution(resolution)
 
     import torch
-    from tqdm.auto import tqdm
+
+    from ..progress import progress_bar
 
     encoded = model.encode_prompts(list(job.prompts))
     negative = model.encode_prompts([gen["negative_prompt"]])
     records = []
     total = len(job.prompts) * len(job.seeds)
-    bar = tqdm(
+    bar = progress_bar(
         total=total, desc=f"generate {job.subject}/{job.method}", disable=not spec["progress"], leave=False
     )
     with torch.no_grad():

@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import AtomtuneError
+from ..progress import progress_bar
 from .prompts import DEFAULT_TOKEN, strip_token
 
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -74,8 +74,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def open_image(image: ImageLike):
-    """An RGB PIL image from a path or a PIL image; a clear error for a missing or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image from a path or a PIL image; a clear error for a missing or unreadable file
+    (or one over the pixel limit: ``atomtune.diffusion.data.open_image`` reads it)."""
+    from PIL import Image
+
+    from ..diffusion.data import open_image as read_image
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -83,9 +86,8 @@ def open_image(image: ImageLike):
     if not path.is_file():
         raise AtomtuneError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+        return read_image(path)
+    except AtomtuneError as exc:
         raise AtomtuneError(f"could not read image {path}: {exc}") from exc
 
 
@@ -149,7 +151,7 @@ class Evaluator:
         keys = [_cache_key(kind, x) for x in images]
         todo = [i for i, k in enumerate(keys) if k is None or k not in self._cache]
         fresh: dict[int, torch.Tensor] = {}
-        bar = tqdm(
+        bar = progress_bar(
             total=len(todo), desc=f"{kind} features", unit="img", leave=False, disable=not self.progress
         )
         with torch.inference_mode():

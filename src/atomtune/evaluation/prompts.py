@@ -130,7 +130,10 @@ def load_dreambooth(path: str | Path) -> DreamBoothDataset:
     """Read the dataset's subjects, classes and prompts (the images are listed, not opened)."""
     root = find_dataset_root(path)
     file = root / PROMPTS_FILE
-    classes, object_prompts, live_prompts = parse_prompts_and_classes(file.read_text(), str(file))
+    from ..diffusion.data import read_text_file
+
+    text = read_text_file(file, "prompts file")
+    classes, object_prompts, live_prompts = parse_prompts_and_classes(text, str(file))
     subjects = {}
     for name, cls in classes.items():
         folder = root / name

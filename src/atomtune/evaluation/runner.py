@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import AtomtuneError
+from ..progress import progress_bar
 from ..serialization import atomic_write
 from .evaluate import assemble, write_results
 from .manifest import ImageRecord, default_image_path, read_manifest, write_manifest
-from .metrics import Evaluator
+from .metrics import Evaluator, open_image
 from .prompts import DEFAULT_TOKEN, DreamBoothDataset, load_dreambooth
 
 RUN_FORMAT = "atomtune-dreambooth-benchmark"
@@ -249,7 +249,7 @@ def run_benchmark(
     if isinstance(evaluator, Evaluator):
         names.update({k: v for k, v in evaluator.names.items() if k not in names})
     with state.split_between_processes(pending) as mine:
-        bar = tqdm(
+        bar = progress_bar(
             mine, desc="benchmark", unit="pair", disable=not (progress and state.is_local_main_process)
         )
         for job in bar:
@@ -294,8 +294,8 @@ def synthetic_train_and_generate(job: BenchmarkJob, size: int = 64) -> Path:
     for i, prompt in enumerate(job.prompts):
         for s in job.seeds:
             rng = np.random.default_rng([s, i])
-            with Image.open(job.instance_images[int(rng.integers(len(job.instance_images)))]) as img:
-                base = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32)
+            image = open_image(job.instance_images[int(rng.integers(len(job.instance_images)))])
+            base = np.asarray(image.resize((size, size)), dtype=np.float32)
             shifted = base + rng.normal(0, 40, base.shape) + rng.normal(0, 30, (1, 1, 3))
             out = Image.fromarray(np.clip(shifted, 0, 255).astype(np.uint8))
             rel = default_image_path(job.method, job.subject, i, prompt, s)

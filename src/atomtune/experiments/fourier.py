@@ -78,10 +78,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from atomtune.functional import attention_with_atoms
 from atomtune.losses import l1_sparsity, orthogonality
+from atomtune.progress import progress_bar
 from atomtune.serialization import atomic_write
 from atomtune.shrinkage import shrink
 
@@ -251,7 +251,7 @@ def train_block(
     batches = torch.Generator().manual_seed(s.seed * 1000 + 17)  # the same batches for both blocks
     x_all, m_all = train
     losses: list[float] = []
-    bar = tqdm(range(s.steps), desc=f"fourier {kind}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(s.steps), desc=f"fourier {kind}", disable=not progress, dynamic_ncols=True)
     warmup = max(1, int(s.sparsity_warmup * s.steps))
     for step in bar:
         idx = torch.randint(len(x_all), (s.batch_size,), generator=batches)

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..diffusion.images import save_json, save_png, save_text
 from ..errors import AtomtuneError
+from ..progress import progress_bar
 from ..serialization import read_json
 from . import behaviour as bh
 from . import customize as cz
@@ -120,7 +120,7 @@ def run_bench(
     controls = list(CONTROLS) if "atoms" in settings.methods else []
     runs = len(settings.methods) * len(settings.learning_rates)
     runs += (len(settings.methods) + len(controls)) * len(settings.seeds)
-    bar = tqdm(total=runs, desc="bench", disable=not progress)
+    bar = progress_bar(total=runs, desc="bench", disable=not progress)
     selection: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
     results: dict[str, list[dict[str, Any]]] = {}

@@ -7,6 +7,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from ..validation import COUNT, SEED, device_option, option
+
 
 def _pretrain(args: argparse.Namespace) -> None:
     from .pretrain import PretrainSettings, pretrain
@@ -65,17 +67,21 @@ def _preview(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from ..diffusion.commands import int_list
+    from ..diffusion.commands import seed_list
+    from ..validation import check_number
     from .bench import BenchSettings, parse_list, run_bench
 
+    learning_rates = parse_list(args.learning_rates, float)
+    for lr in learning_rates:
+        check_number("--learning-rates", lr, above=0)
     settings = BenchSettings(
         methods=parse_list(args.methods, str),
-        seeds=tuple(int_list(args.seeds, "--seeds")),
-        learning_rates=parse_list(args.learning_rates, float),
+        seeds=tuple(seed_list(args.seeds, "--seeds")),
+        learning_rates=learning_rates,
         steps=args.steps,
         num_atoms=args.num_atoms,
         **({} if args.atom_budget is None else {"atom_budget": args.atom_budget}),
-        eval_seeds=tuple(int_list(args.eval_seeds, "--eval-seeds")),
+        eval_seeds=tuple(seed_list(args.eval_seeds, "--eval-seeds")),
         prompts=args.prompts,
         topk=not args.no_topk,
         merge=not args.no_merge,
@@ -95,12 +101,15 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/: images.png, heatmap.png, sweep.png, summary.md ({summary['seconds']:.0f} s)")
 
 
+DIGIT = option(int, minimum=0, maximum=9)
+
+
 def register(sub) -> None:
     """Add ``demo`` and ``testbed`` with its sub-commands to the main parser's sub-parsers."""
     p = sub.add_parser("demo", help="the main job: teach the shipped digit model a new digit with atoms")
     p.add_argument("--out", default="atomtune-demo", help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300)  # DemoSettings checks it, before anything runs
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_demo)
 
@@ -109,7 +118,7 @@ def register(sub) -> None:
 
     p = tb.add_parser("pretrain", help="pretrain the digit DiT (resumes from --out's last checkpoint)")
     p.add_argument("--out", required=True, help="run folder: checkpoints and digit_dit.safetensors")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int)  # PretrainSettings checks these, before anything runs
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--holdout-digit", type=int)
@@ -119,7 +128,7 @@ def register(sub) -> None:
     p.add_argument("--layers", type=int, help="transformer blocks")
     p.add_argument("--patch-size", type=int, choices=(2, 3, 4))
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_option, default="cpu")
     p.add_argument("--features", help="caption features file (safetensors), instead of running MiniLM")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_pretrain)
@@ -128,8 +137,8 @@ def register(sub) -> None:
 
     p = tb.add_parser("judges", help="train the digit classifier used as a judge")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=COUNT, default=30)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=_judges)
 
     p = tb.add_parser("bench", help="mini-DreamBooth: atoms vs LoRA, DoRA, OFT on the held-out digit")
@@ -139,9 +148,9 @@ def register(sub) -> None:
     p.add_argument(
         "--learning-rates", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="the search grid, same for all"
     )
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--num-atoms", type=int, default=66)
-    p.add_argument("--atom-budget", type=int, default=None, help="atoms kept per module (default: 6)")
+    p.add_argument("--steps", type=COUNT, default=300)
+    p.add_argument("--num-atoms", type=COUNT, default=66)
+    p.add_argument("--atom-budget", type=COUNT, default=None, help="atoms kept per module (default: 6)")
     p.add_argument("--eval-seeds", default="0,1", help="samples per prompt")
     p.add_argument("--prompts", help="a file of prompts, one per line, {} = the concept")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
@@ -152,6 +161,6 @@ def register(sub) -> None:
 
     p = tb.add_parser("preview", help="draw and judge every digit the model was pretrained on")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
-    p.add_argument("--holdout-digit", type=int, default=9)
+    p.add_argument("--holdout-digit", type=DIGIT, default=9)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_preview)

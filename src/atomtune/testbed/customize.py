@@ -99,11 +99,9 @@ def parse_prompt(text: str) -> Attributes | None:
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """One prompt per line; ``{}`` stands for the concept ("sks digit"). Blank lines and # skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise AtomtuneError(f"prompts file not found: {path}")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    texts = [ln.replace("{}", SUBJECT) for ln in lines if ln and not ln.startswith("#")]
+    from ..diffusion.data import read_prompts as read_lines
+
+    texts = [ln.replace("{}", SUBJECT) for ln in read_lines(None, path)]
     if not texts:
         raise AtomtuneError(f"{path} holds no prompts")
     missing = [t for t in texts if TOKEN not in t.split()]

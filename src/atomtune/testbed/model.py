@@ -62,7 +62,7 @@ def shipped_weights() -> Path:
 
 def read_metadata(path: str | Path | None = None) -> tuple[Path, dict, dict]:
     """(path, model config, scheduler config) of a testbed weights file (default: the shipped one)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path) if path is not None else shipped_weights()
     if not path.is_file():
@@ -72,19 +72,32 @@ def read_metadata(path: str | Path | None = None) -> tuple[Path, dict, dict]:
             meta = f.metadata() or {}
         model = json.loads(meta["model"]) if "model" in meta else model_config()
         sched = json.loads(meta["scheduler"]) if "scheduler" in meta else scheduler_config()
-    except (OSError, ValueError, RuntimeError) as err:  # safetensors raises these on a corrupt header
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a corrupt header
         raise AtomtuneError(f"{path} is not a readable safetensors file: {err}") from err
+    if not isinstance(model, dict) or not isinstance(sched, dict):
+        raise AtomtuneError(f"{path}: the model and scheduler metadata must be JSON objects")
     return path, model, sched
 
 
 def load_transformer(path: str | Path | None = None):
     """The pretrained testbed model: the shipped checkpoint, or a file written by ``pretrain``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..validation import check_tensor
+
     path, config, _ = read_metadata(path)
-    model = build_transformer(config=config)
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = build_transformer(config=config)
+        state = load_file(str(path))
+        for key, tensor in state.items():
+            check_tensor(tensor, f"{path}: {key}", None, (tensor.dtype,))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as err:
+        if isinstance(err, AtomtuneError):
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AtomtuneError(f"{path} is not a testbed model's weights ({reason})") from err
     if missing or unexpected:
         raise AtomtuneError(
             f"{path} does not fit the testbed model (missing {missing[:2]}, unexpected {unexpected[:2]})"

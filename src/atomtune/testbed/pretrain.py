@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoint import latest_checkpoint, load_training_state, save_training_state
 from ..errors import AtomtuneError
+from ..progress import progress_bar
 from ..serialization import atomic_write
+from ..validation import check_number, check_seed
 from .digits import all_captions, load_digits, random_attributes, render_batch, split_indices
 from .model import WEIGHTS, build_transformer, model_config, scheduler_config, training_scheduler
 from .text import CaptionEncoder
@@ -48,6 +49,8 @@ class PretrainSettings:
                 raise AtomtuneError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 <= self.holdout_digit <= 9:
             raise AtomtuneError(f"holdout_digit must be 0-9, got {self.holdout_digit}")
+        check_number("lr", self.lr, above=0)  # also refuses nan and inf
+        check_seed("seed", self.seed)
         if self.lr <= 0 or not 0 <= self.ema < 1 or not 0 <= self.caption_dropout < 1:
             raise AtomtuneError("lr must be > 0, ema and caption_dropout in [0, 1)")
         model_config(self.heads, self.layers, self.patch_size)  # raise early on a bad architecture
@@ -119,7 +122,7 @@ def pretrain(
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         schedule.last_epoch = start
     began = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         range(start, settings.steps),
         initial=start,
         total=settings.steps,
