@@ -80,12 +80,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from atomtune.errors import AtomtuneError
 from atomtune.functional import attention_with_atoms
 from atomtune.losses import l1_sparsity, orthogonality
 from atomtune.serialization import atomic_write
 from atomtune.shrinkage import shrink
 
 KINDS = ("dense", "sparse")
+LAYOUTS = ("positions", "lifted")
 
 
 @dataclass
@@ -104,7 +106,10 @@ class FourierSettings:
     train_signals: int = 8192
     eval_signals: int = 512
     # model
-    lift_dim: int = 64  # the frozen lift 1-D → lift_dim; also the number of tokens
+    layout: str = "positions"  # "positions" (the paper's: one token per sample) or "lifted" (see docstring)
+    lift_dim: int = 64  # the frozen lift 1-D → lift_dim (the number of tokens in the "lifted" layout)
+    mixing_layers: int = 2  # "positions" only: attention layers before the block (see the docstring)
+    mixing_heads: int = 4
     feature_dim: int = 128  # block width: q, k, and the input of W_v and W_s
     num_atoms: int = 128  # atoms of the sparse block (the dense block has feature_dim rows in W_v)
     shrinkage: str = "soft"  # "soft", "relu" or "topk" (atomtune.shrinkage)
@@ -126,6 +131,12 @@ class FourierSettings:
     # measures
     tolerance: float = 0.05
     fourier_share: float = 0.9
+
+    def validate(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise AtomtuneError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "positions" and self.feature_dim % self.mixing_heads:
+            raise AtomtuneError("mixing_heads must divide feature_dim")
 
     @classmethod
     def fast(cls, seed: int = 0) -> FourierSettings:
@@ -165,41 +176,91 @@ def make_signals(
 # -------------------------------------------------------------------------------------------- model
 
 
+def positional_encoding(seq_len: int) -> torch.Tensor:
+    """(T, T − 1): cos and sin of 2π·k·t/T for k = 1 … T/2 − 1, and cos(π·t), per position t."""
+    t = torch.arange(seq_len, dtype=torch.float32)[:, None]
+    k = torch.arange(1, seq_len // 2, dtype=torch.float32)[None]
+    angle = 2 * math.pi * k * t / seq_len
+    return torch.cat([torch.cos(angle), torch.sin(angle), torch.cos(math.pi * t)], dim=1)
+
+
+class MixingLayer(nn.Module):
+    """Pre-norm multi-head self-attention with a residual connection (no MLP): the layers before the block."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return x + self.out(mixed)
+
+
 class FourierBlock(nn.Module):
-    """One attention-only block, "dense" ``A·X·W_v`` or "sparse" ``σ_λ(A·X·W_s)·D``, summed over tokens."""
+    """One attention block, "dense" ``A·X·W_v`` or "sparse" ``σ_λ(A·X·W_s)·D``, summed over the lift.
+
+    Layout "lifted": tokens are the lifted dims and the block's output is summed over tokens.
+    Layout "positions": tokens are the samples, ``mixing_layers`` attention layers come first, and
+    each token's output is summed over the lifted dims (the atoms' space) into one sample.
+    """
 
     def __init__(self, kind: str, settings: FourierSettings, lift: torch.Tensor) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         s = settings
+        s.validate()
         self.kind = kind
         self.settings = s
-        raw, c = 2 * s.seq_len, s.feature_dim
+        c = s.feature_dim
         self.register_buffer("lift", lift)  # frozen: the paper's random projection
+        if s.layout == "lifted":
+            raw, out = 2 * s.seq_len, s.seq_len
+            self.mixing = nn.ModuleList()
+        else:
+            raw, out = lift.shape[0] + s.seq_len, lift.shape[0]
+            self.register_buffer("position", positional_encoding(s.seq_len))
+            self.mixing = nn.ModuleList(MixingLayer(c, s.mixing_heads) for _ in range(s.mixing_layers))
         self.W_in = nn.Parameter(torch.randn(raw, c) / math.sqrt(raw))
         # Small q/k weights: attention starts uniform, so the sum over tokens starts as a plain average.
         self.W_q = nn.Parameter(torch.randn(c, c) * 0.02)
         self.W_k = nn.Parameter(torch.randn(c, c) * 0.02)
         if kind == "dense":
-            self.W_v = nn.Parameter(torch.randn(c, s.seq_len) * 0.1 / math.sqrt(c))
+            self.W_v = nn.Parameter(torch.randn(c, out) * 0.1 / math.sqrt(c))
         else:
             self.W_s = nn.Parameter(torch.randn(c, s.num_atoms) / math.sqrt(c))
-            self.D = nn.Parameter(torch.randn(s.num_atoms, s.seq_len) / math.sqrt(s.seq_len))
+            self.D = nn.Parameter(torch.randn(s.num_atoms, out) / math.sqrt(out))
             self.lam = nn.Parameter(torch.full((s.num_atoms,), float(s.lambda_init)))
 
     @property
     def atoms(self) -> torch.Tensor:
-        """(num atoms, seq_len): the rows of ``W_v``, or the unit-norm rows of ``D``."""
+        """(num atoms, output width): the rows of ``W_v``, or the unit-norm rows of ``D``."""
         if self.kind == "dense":
             return self.W_v
         return self.D / self.D.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     def tokens(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) signal and mask → (B, lift_dim, feature_dim): token j is [p_j·(x⊙mask), mask]·W_in."""
-        lifted = self.lift[None, :, None] * (x * mask)[:, None, :]
-        flags = mask[:, None, :].expand(-1, self.lift.shape[0], -1)
-        return torch.cat([lifted, flags], dim=-1) @ self.W_in
+        """(B, T) signal and mask → (B, tokens, feature_dim).
+
+        "lifted": token j is ``[p_j·(x⊙mask), mask]·W_in`` (64 lifted dims as tokens).
+        "positions": token t is ``[x_t·m_t·p, m_t, PE(t)]·W_in``: its observed value lifted to 64
+        dims (0 where masked), its observation flag and a 63-d sinusoidal position code.
+        """
+        if self.settings.layout == "lifted":
+            lifted = self.lift[None, :, None] * (x * mask)[:, None, :]
+            flags = mask[:, None, :].expand(-1, self.lift.shape[0], -1)
+            return torch.cat([lifted, flags], dim=-1) @ self.W_in
+        lifted = (x * mask)[..., None] * self.lift
+        position = self.position.expand(x.shape[0], -1, -1)
+        h = torch.cat([lifted, mask[..., None], position], dim=-1) @ self.W_in
+        for layer in self.mixing:
+            h = layer(h)
+        return h
 
     def attention_inputs(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``q, k, X`` as (B, 1, tokens, width): one head."""
@@ -216,11 +277,26 @@ class FourierBlock(nn.Module):
         _, z = attention_with_atoms(q, k, X, X @ self.W_s, fused=False)
         return shrink(z[:, 0], self.settings.shrinkage, lam=self.lam.abs(), k=self.settings.topk)
 
+    def contributions(self, S: torch.Tensor) -> torch.Tensor:
+        """Each atom's contribution to each signal, (B, atoms, T); summed over atoms it is the output.
+
+        "lifted": ``κ_m·d_m`` with ``κ = Σ_tokens S``. "positions": the curve ``S_{t,m}·Σ_j d_{m,j}``
+        over the positions t (the atom's share of each sample, summed over the lifted dims).
+        """
+        if self.settings.layout == "lifted":
+            return S.sum(1)[:, :, None] * self.atoms[None]
+        return (S * self.atoms.sum(1)).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return the output (B, T), the per-signal atom weights κ (B, atoms) and the coefficients."""
+        """Return the output (B, T), the per-signal atom weights (B, atoms) and the coefficients.
+
+        The weights are ``κ = Σ_tokens S`` ("lifted") or the contributions' norms ("positions").
+        """
         S = self.coefficients(x, mask)
-        kappa = S.sum(1)  # the output's sum over the lifted dims = sum over tokens
-        return kappa @ self.atoms, kappa, S
+        if self.settings.layout == "lifted":
+            kappa = S.sum(1)  # the output's sum over the lifted dims = sum over tokens
+            return kappa @ self.atoms, kappa, S
+        return S @ self.atoms.sum(1), self.contributions(S).norm(dim=-1), S
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -305,6 +381,19 @@ def spectra(atoms: torch.Tensor) -> torch.Tensor:
     return E
 
 
+def atom_spectra(block: FourierBlock, contrib: torch.Tensor) -> torch.Tensor:
+    """Each atom's energy per frequency (atoms, T/2 + 1), the spectrum that says whether it is Fourier-like.
+
+    "lifted": the spectrum of the atom itself (a 64-sample curve). "positions": an atom is a vector
+    in the lifted space, and its shape over the samples is its contribution curve, which varies with
+    the signal; its spectrum is the sum of those curves' spectra over the held-out signals.
+    """
+    if block.settings.layout == "lifted":
+        return spectra(block.atoms)
+    n, m, t = contrib.shape
+    return spectra(contrib.reshape(n * m, t)).view(n, m, -1).sum(0)
+
+
 def linear_reference(
     train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]
 ) -> float:
@@ -328,9 +417,9 @@ def evaluate(
     """Every measure of one trained block on the held-out signals (see the module docstring)."""
     s = settings
     x, mask = test
-    y, kappa, S = block(x, mask)
+    y, _, S = block(x, mask)
     atoms = block.atoms
-    contrib = kappa[:, :, None] * atoms[None]
+    contrib = block.contributions(S)
     unobserved = 1 - mask
     masked_nmse = ((y - x) * unobserved).pow(2).sum() / (x * unobserved).pow(2).sum()
     err, order = partial_sum_errors(contrib, y)
@@ -342,7 +431,7 @@ def evaluate(
     used = torch.zeros(atoms.shape[0], dtype=torch.bool)
     for i in range(len(y)):
         used[order[i, : int(need[i])]] = True
-    E = spectra(atoms)
+    E = atom_spectra(block, contrib)
     share, dominant = E.max(dim=-1)
     share = share / E.sum(-1).clamp_min(1e-30)
     fourier = used & (share >= s.fourier_share)
@@ -425,7 +514,7 @@ def _figure(example: dict[str, Any], result: dict[str, Any]) -> bytes:
         ax.plot(t, [v / peak - 2.2 * i for v in curve], color="tab:red", lw=1)
     ax.set_yticks([])
     ax.set_xlabel("position")
-    ax.set_title(f"the signal's top {len(top)} sparse atoms (κ·d, each scaled)")
+    ax.set_title(f"the signal's top {len(top)} sparse atoms (contribution curves, each scaled)")
 
     ax = fig.add_subplot(grid[1, 2])
     for i, spec in enumerate(example["sparse_top_spectra"]):
@@ -449,8 +538,8 @@ def _example(
     x, m = test[0][:1], test[1][:1]
     out: dict[str, Any] = {"signal": x[0].tolist(), "mask": m[0].tolist()}
     for kind, block in blocks.items():
-        y, kappa, _ = block(x, m)
-        contrib = kappa[:, :, None] * block.atoms[None]
+        y, _, S = block(x, m)
+        contrib = block.contributions(S)
         err, order = partial_sum_errors(contrib, y)
         k = int(atoms_needed(err, settings.tolerance)[0])
         out[kind] = y[0].tolist()
@@ -459,7 +548,7 @@ def _example(
             top = order[0, : min(k, 12)]
             out["sparse_top_atom_ids"] = top.tolist()
             out["sparse_top_contributions"] = contrib[0, top].tolist()
-            out["sparse_top_spectra"] = spectra(block.atoms[top]).tolist()
+            out["sparse_top_spectra"] = spectra(contrib[0, top]).tolist()
     return out
 
 
