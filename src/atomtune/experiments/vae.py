@@ -121,6 +121,8 @@ class VaeSettings:
         for name in ("old_digit", "new_digit"):
             if not 0 <= getattr(self, name) <= 9:
                 raise AtomtuneError(f"{name} must be a digit 0-9, got {getattr(self, name)}")
+        if self.images_per_class is not None and self.images_per_class < 5:
+            raise AtomtuneError(f"images_per_class must be >= 5, got {self.images_per_class}")
         if self.old_digit == self.new_digit:
             raise AtomtuneError("old and new digit must differ")
         if IMAGE % self.patch or self.width % self.heads or self.num_atoms % self.heads:
