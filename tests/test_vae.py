@@ -127,7 +127,7 @@ def test_cli_refuses_bad_mnist_input_in_one_line(tmp_path, capsys):
 def test_bundled_digits_are_centred_28x28():
     x, y = load_sklearn_digits_28()
     assert x.shape == (1797, 1, 28, 28) and len(y) == 1797
-    assert 0 <= x.min() and x.max() <= 1
+    assert x.min() >= 0 and x.max() <= 1
     assert x[..., :4, :].abs().max() == 0 and x[..., -4:].abs().max() == 0  # 4-pixel margins
     assert sorted(set(y.tolist())) == list(range(10))
 
@@ -162,7 +162,9 @@ def test_fine_tuned_vae_equals_pretrained_at_step_0(method):
         add_lora(tuned, s)
         params = [p for p in tuned.parameters() if p.requires_grad]
         assert sum("lora_B" in n for n, _ in tuned.named_parameters()) == 16  # q, k, v, out x 4 modules
-    assert all(not p.requires_grad for n, p in tuned.named_parameters() if "atoms" not in n and "lora_" not in n)
+    assert all(
+        not p.requires_grad for n, p in tuned.named_parameters() if "atoms" not in n and "lora_" not in n
+    )
     with torch.no_grad():
         mu, _ = tuned.encode(x)
         out = tuned.decode(z)
@@ -238,7 +240,9 @@ def test_measures_are_consistent(fast_run):
     _, r = fast_run
     for key in ("atoms", "lora"):
         m = r[key]
-        assert set(m["components_for_share"]) == {f"{p}.{i}.attn" for p in ("encoder", "decoder") for i in (0, 1)}
+        assert set(m["components_for_share"]) == {
+            f"{p}.{i}.attn" for p in ("encoder", "decoder") for i in (0, 1)
+        }
         for name, count in m["components_for_share"].items():
             assert 1 <= count <= m["components_per_layer"][name]
             c = torch.tensor(m["contribution"][name])

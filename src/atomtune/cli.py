@@ -91,7 +91,9 @@ def _vae(args: argparse.Namespace) -> None:
         f"atoms {r['atoms']['p_new']:.3f}, LoRA {r['lora']['p_new']:.3f}; "
         f"zero coefficients {r['atoms']['zero_coefficient_share']:.3f}; {r['seconds']['total']:.0f}s"
     )
-    print(f"wrote {Path(args.out) / 'vae.json'}, {Path(args.out) / 'vae.md'} and {Path(args.out) / 'vae.png'}")
+    print(
+        f"wrote {Path(args.out) / 'vae.json'}, {Path(args.out) / 'vae.md'} and {Path(args.out) / 'vae.png'}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,7 +69,9 @@ def load_mnist_idx(directory: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     labels_path = _find(directory, MNIST_FILES["labels"])
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise AtomtuneError(f"{images_path} holds {images.dtype} of shape {images.shape}, not 28x28 uint8 images")
+        raise AtomtuneError(
+            f"{images_path} holds {images.dtype} of shape {images.shape}, not 28x28 uint8 images"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
         raise AtomtuneError(f"{labels_path} holds {labels.shape} labels for {len(images)} images")
     if labels.size and (labels.min() < 0 or labels.max() > 9):

@@ -287,7 +287,11 @@ def atom_config(s: VaeSettings) -> AtomConfig:
     if s.lambda_init is not None:
         overrides["lambda_init"] = s.lambda_init
     return AtomConfig(
-        mode="attention", num_atoms=s.num_atoms, attention="self", target_modules=ATTENTION_MODULES, **overrides
+        mode="attention",
+        num_atoms=s.num_atoms,
+        attention="self",
+        target_modules=ATTENTION_MODULES,
+        **overrides,
     )
 
 
@@ -304,7 +308,9 @@ def add_lora(vae: TransformerVAE, s: VaeSettings) -> TransformerVAE:
     torch.manual_seed(s.seed + 12)
     projections = "|".join(re.escape(t) for t in LORA_TARGETS)
     config = LoraConfig(
-        r=s.lora_rank, lora_alpha=s.lora_rank, target_modules=rf"^(encoder|decoder)\.\d+\.attn\.({projections})$"
+        r=s.lora_rank,
+        lora_alpha=s.lora_rank,
+        target_modules=rf"^(encoder|decoder)\.\d+\.attn\.({projections})$",
     )
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -336,7 +342,9 @@ class LoraStatistics:
     def __enter__(self) -> LoraStatistics:
         for attn, projections in self.components.items():
             for proj, layer in projections:
-                self._hooks.append(layer.lora_A["default"].register_forward_hook(self._observer((attn, proj))))
+                self._hooks.append(
+                    layer.lora_A["default"].register_forward_hook(self._observer((attn, proj)))
+                )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -413,7 +421,11 @@ def removal_effects(
         with removed():
             images = decode()
         out.append(
-            {"removed": label, **judge_images(judge, images, s), "pixel_change": (images - full).abs().mean().item()}
+            {
+                "removed": label,
+                **judge_images(judge, images, s),
+                "pixel_change": (images - full).abs().mean().item(),
+            }
         )
     return out
 
@@ -557,16 +569,18 @@ def _markdown(r: dict[str, Any]) -> str:
     )
     for key, label in (("atoms", "atoms"), ("lora", "LoRA")):
         m = r[key]
-        counts = ", ".join(
-            f"{n.replace('.attn', '')} {c}" for n, c in m["components_for_share"].items()
-        )
+        counts = ", ".join(f"{n.replace('.attn', '')} {c}" for n, c in m["components_for_share"].items())
         per = sorted(set(m["components_per_layer"].values()))
         zero = f"{m['zero_coefficient_share']:.3f}" if "zero_coefficient_share" in m else "– (dense)"
         lines.append(
             f"| {label} | {m['trainable_parameters']} | {m['p_new']:.3f} | {m['share_judged_new']:.2f} | "
             f"{m['p_old']:.3f} | {zero} | {counts} (of {'/'.join(map(str, per))}) |"
         )
-    lines += ["", f"Removing one top component from a decoder layer (P({new}) with it removed; mean |Δpixel|):", ""]
+    lines += [
+        "",
+        f"Removing one top component from a decoder layer (P({new}) with it removed; mean |Δpixel|):",
+        "",
+    ]
     lines += ["| method | removed | P(" + str(new) + ") | judged " + str(new) + " | mean abs pixel change |"]
     lines += ["|---|---|---|---|---|"]
     for key, label in (("atoms", "atoms"), ("lora", "LoRA")):
@@ -575,7 +589,12 @@ def _markdown(r: dict[str, Any]) -> str:
                 f"| {label} | {e['removed']} | {e['p_new']:.3f} | {e['share_judged_new']:.2f} | "
                 f"{e['pixel_change']:.4f} |"
             )
-    lines += ["", f"Run time: {r['seconds']:.0f} s ({r['environment']['threads']} threads).", ""]
+    sec = r["seconds"]
+    lines += [
+        "",
+        f"Run time: {sec['total']:.0f} s wall, {sec['cpu_total']:.0f} s CPU ({r['environment']['threads']} threads).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -585,7 +604,7 @@ def run_vae(settings: VaeSettings, out_dir: Path, progress: bool = True) -> dict
     Returns the dict written to ``vae.json``: ``settings``, ``data``, ``judge``, ``pretrained``,
     ``atoms``, ``lora`` (see ``measure_atoms`` / ``measure_lora``), ``seconds`` per stage and in all.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     s = settings
     s.validate()
     out_dir = Path(out_dir)
@@ -607,7 +626,9 @@ def run_vae(settings: VaeSettings, out_dir: Path, progress: bool = True) -> dict
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     vae = TransformerVAE(s)
-    pre_losses = train(vae.loss, list(vae.parameters()), old_images, s, s.pretrain_steps, "pretrain", progress)
+    pre_losses = train(
+        vae.loss, list(vae.parameters()), old_images, s, s.pretrain_steps, "pretrain", progress
+    )
     vae.eval()
     seconds["pretrain"] = time.perf_counter() - t0
     z = torch.randn(s.samples, s.latent, generator=torch.Generator().manual_seed(s.seed + 5))
@@ -633,7 +654,9 @@ def run_vae(settings: VaeSettings, out_dir: Path, progress: bool = True) -> dict
     def atom_loss(x: torch.Tensor) -> torch.Tensor:
         return atom_vae.loss(x) + atoms.regularization_loss()
 
-    losses = train(atom_loss, atoms.trainable_parameters(), new_images, s, s.finetune_steps, "atoms", progress)
+    losses = train(
+        atom_loss, atoms.trainable_parameters(), new_images, s, s.finetune_steps, "atoms", progress
+    )
     seconds["atoms"] = time.perf_counter() - t0
     result["atoms"] = measure_atoms(atom_vae, atoms, new_images, z, judge, s) | {"final_loss": _tail(losses)}
 
@@ -654,6 +677,7 @@ def run_vae(settings: VaeSettings, out_dir: Path, progress: bool = True) -> dict
     for key in ("atoms", "lora"):
         del result[key]["_full"]
     seconds["total"] = time.perf_counter() - start
+    seconds["cpu_total"] = time.process_time() - cpu_start  # all threads; wall time varies with load
     result["seconds"] = seconds
     result["environment"] = {
         "torch": torch.__version__,
@@ -662,7 +686,7 @@ def run_vae(settings: VaeSettings, out_dir: Path, progress: bool = True) -> dict
         "machine": platform.machine(),
     }
     text = json.dumps(result, indent=1) + "\n"
-    markdown = _markdown(result | {"seconds": seconds["total"]})
+    markdown = _markdown(result)
     atomic_write(out_dir / "vae.png", lambda p: p.write_bytes(png))
     atomic_write(out_dir / "vae.md", lambda p: p.write_text(markdown))
     atomic_write(out_dir / "vae.json", lambda p: p.write_text(text))
@@ -676,7 +700,11 @@ def _tail(losses: list[float]) -> float:
 
 @torch.no_grad()
 def _removal_rows(
-    vae: TransformerVAE, decode: Callable[[], torch.Tensor], atoms: AtomModel, m: dict[str, Any], s: VaeSettings
+    vae: TransformerVAE,
+    decode: Callable[[], torch.Tensor],
+    atoms: AtomModel,
+    m: dict[str, Any],
+    s: VaeSettings,
 ) -> list[tuple[str, torch.Tensor]]:
     rows = []
     all_atoms = atoms.atoms()
@@ -688,7 +716,9 @@ def _removal_rows(
         mask = torch.ones(all_atoms[name].num_atoms)
         mask[position] = 0
         with atoms_masked(atoms, {name: mask}):
-            rows.append((f"− {e['removed'].replace('.attn', '')}\nP({s.new_digit}) {e['p_new']:.2f}", decode()))
+            rows.append(
+                (f"− {e['removed'].replace('.attn', '')}\nP({s.new_digit}) {e['p_new']:.2f}", decode())
+            )
     return rows
 
 
@@ -701,5 +731,7 @@ def _lora_rows(
         name, _, component = e["removed"].partition(" LoRA ")
         index = LoraStatistics(vae).component_names(name).index(component)
         with lora_component_removed(vae, name, index):
-            rows.append((f"− {e['removed'].replace('.attn', '')}\nP({s.new_digit}) {e['p_new']:.2f}", decode()))
+            rows.append(
+                (f"− {e['removed'].replace('.attn', '')}\nP({s.new_digit}) {e['p_new']:.2f}", decode())
+            )
     return rows
