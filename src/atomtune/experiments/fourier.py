@@ -532,7 +532,7 @@ def _figure(example: dict[str, Any], result: dict[str, Any]) -> bytes:
         ax.plot(t, [v / peak - 2.2 * i for v in curve], color="tab:red", lw=1)
     ax.set_yticks([])
     ax.set_xlabel("position")
-    ax.set_title(f"the signal's top {len(top)} sparse atoms (contribution curves, each scaled)")
+    ax.set_title(f"its top {len(top)} sparse atoms' contributions (scaled)")
 
     ax = fig.add_subplot(grid[1, 2])
     for i, spec in enumerate(example["sparse_top_spectra"]):
