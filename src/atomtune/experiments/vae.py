@@ -46,7 +46,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,6 @@ class VaeSettings:
     share: float = 0.9  # contribution share whose atoms are counted
     top_removed: int = 3  # top atoms (LoRA components) removed one at a time, per decoder layer
     figure_samples: int = 8
-    extra: dict[str, Any] = field(default_factory=dict)  # reserved for a later recipe's knobs
 
     @classmethod
     def fast(cls, seed: int = 0) -> VaeSettings:
