@@ -239,8 +239,11 @@ class AtomModel:
 
     def regularization_loss(self) -> torch.Tensor:
         """``sparsity_weight·L1(S) + orthogonality_weight·‖offdiag(D̂D̂ᵀ)‖²``; call once after each forward."""
+        return self.weigh(self.regularization_terms())
+
+    def weigh(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The active adapter's weighted sum of ``regularization_terms``."""
         config = self.configs[self.active_adapter]
-        terms = self.regularization_terms()
         return config.sparsity_weight * terms["l1"] + config.orthogonality_weight * terms["orthogonality"]
 
     # -- steering -------------------------------------------------------------------------------

@@ -227,9 +227,8 @@ class AtomTuned(Tuned):
         return self.handle.trainable_parameters()
 
     def regularization(self) -> tuple[torch.Tensor, dict[str, float]]:
-        config = self.handle.configs[self.handle.active_adapter]
         terms = self.handle.regularization_terms()
-        loss = config.sparsity_weight * terms["l1"] + config.orthogonality_weight * terms["orthogonality"]
+        loss = self.handle.weigh(terms)
         return loss, {**{k: float(v.detach()) for k, v in terms.items()}, **self.handle.activity()}
 
     def live_atoms(self) -> dict[str, int]:
