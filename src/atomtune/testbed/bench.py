@@ -41,13 +41,14 @@ class BenchSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     learning_rates: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
     select_seed: int = 100
-    steps: int = 300
+    steps: int = 600
     num_atoms: int = 66  # 11 per head of 6: 25.4k parameters per attention module, LoRA r=16's 24.6k
     atom_budget: int = cz.RECIPE_BUDGET  # atoms kept per module by the recipe (9% of 66)
     holdout_digit: int = 9
     instances: int = 5
     eval_seeds: tuple[int, ...] = (0, 1)
     prompts: str | None = None  # a file of prompts ("{}" = the concept); default: the 25-prompt grid
+    prior_per_digit: int = 4  # prior preservation: the model's own drawings of each other digit (0: off)
     topk: bool = True
     merge: bool = True
 
@@ -59,6 +60,8 @@ class BenchSettings:
             raise AtomtuneError("methods, seeds, learning rates and eval seeds must not be empty")
         if self.steps < 1 or self.instances < 1 or min(self.learning_rates) <= 0:
             raise AtomtuneError("steps, instances and learning rates must be positive")
+        if self.prior_per_digit < 0:
+            raise AtomtuneError(f"prior images per digit must be ≥ 0, got {self.prior_per_digit}")
         if not 0 < self.atom_budget <= self.num_atoms:
             raise AtomtuneError(f"atom budget must be in 1..{self.num_atoms}, got {self.atom_budget}")
         if self.select_seed in self.seeds:
@@ -79,6 +82,9 @@ def run_bench(
     target = settings.holdout_digit
     references = cz.instance_images(target, settings.instances)
     instance_dir = cz.write_images(references, out / "instance_images")
+    class_dir = None  # prior preservation: DreamBooth's class images, the pretrained model's own digits
+    if settings.prior_per_digit:
+        class_dir = cz.prior_images(pipe, target, out / "prior_images", settings.prior_per_digit)
     fingerprint = _fingerprint(pipe.transformer)
     eval_seeds = list(settings.eval_seeds)
 
@@ -98,6 +104,7 @@ def run_bench(
             pipe, method.split("-")[0], instance_dir, cz.INSTANCE_PROMPT,
             run_dir, lr, settings.steps, seed, settings.num_atoms,
             atom_budget=0 if control is None else settings.atom_budget, atoms=control or {},
+            class_dir=class_dir,
         )  # fmt: skip
         try:
             record = {"method": method, "learning_rate": lr, "seed": seed, **evaluate(run_dir, judged)}
@@ -156,7 +163,7 @@ def run_bench(
         if settings.topk:
             report["topk"] = _topk(pipe, settings, adapters, prompts, references, classifier, base, results)
         if settings.merge:
-            style = _style_adapter(pipe, settings, chosen["atoms"], out)
+            style = _style_adapter(pipe, settings, chosen["atoms"], out, class_dir)
             report["merge"] = bh.merge_rows(
                 pipe, adapters["atoms"][0], style, target, references, classifier, out / "merge"
             )
@@ -205,7 +212,7 @@ def _stat(rows: list[dict[str, Any]], key: str = "p_target") -> dict[str, float]
     return bh.mean_std([r[key] for r in rows])
 
 
-def _style_adapter(pipe, settings, lr, out: Path) -> Path:
+def _style_adapter(pipe, settings, lr, out: Path, class_dir: Path | None) -> Path:
     """The magenta style, trained with the same recipe and rate as the concept (first report seed)."""
     style_dir = cz.write_images(
         cz.style_images(settings.holdout_digit, settings.instances), out / "style_images"
@@ -214,7 +221,7 @@ def _style_adapter(pipe, settings, lr, out: Path) -> Path:
     if not (run / "adapter").is_dir():
         cz.train_adapter(
             pipe, "atoms", style_dir, cz.STYLE_PROMPT, run, lr, settings.steps, settings.seeds[0],
-            settings.num_atoms, atom_budget=settings.atom_budget,
+            settings.num_atoms, atom_budget=settings.atom_budget, class_dir=class_dir,
         ).tuned.unload()  # fmt: skip
     return run / "adapter"
 
@@ -275,7 +282,7 @@ def markdown(report: dict[str, Any]) -> str:
     base = report["base"]
     lines = [
         f'Held-out digit {s["holdout_digit"]} from {s["instances"]} real samples, "{cz.INSTANCE_PROMPT}"; '
-        f"{s['steps']} steps, CAME; learning rate chosen from {', '.join(f'{x:g}' for x in s['learning_rates'])} "
+        f"{s['steps']} steps, CAME; {_prior_text(s)}; learning rate chosen from {', '.join(f'{x:g}' for x in s['learning_rates'])} "
         f"on seed {s['select_seed']} and {len(report['selection_prompts'])} selection prompts (small centred digits, never reported) "
         f"(highest P(target) with alignment and prior kept ≥ {KEEP}); mean ± std over seeds {', '.join(map(str, s['seeds']))}; "
         f"{len(report['prompts'])} report prompts x {len(s['eval_seeds'])} samples each. Atoms: {s['num_atoms']} per module, "
@@ -317,6 +324,16 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {r['p_target']:.3f} | {r['style']:.3f} |")
         lines += ["", f"Atom ids the two adapters share, per module (mean): {mg['shared_atom_ids']:.2f}."]
     return "\n".join(lines) + "\n"
+
+
+def _prior_text(s: dict[str, Any]) -> str:
+    per_digit = s.get("prior_per_digit", 0)
+    if not per_digit:
+        return "no prior preservation"
+    return (
+        f"prior preservation on the pretrained model's own drawings ({per_digit} of each other digit, "
+        "under their captions)"
+    )
 
 
 def parse_list(text: str, kind: type = float) -> tuple:

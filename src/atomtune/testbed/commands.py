@@ -83,6 +83,7 @@ def _bench(args: argparse.Namespace) -> None:
         **({} if args.atom_budget is None else {"atom_budget": args.atom_budget}),
         eval_seeds=tuple(seed_list(args.eval_seeds, "--eval-seeds")),
         prompts=args.prompts,
+        prior_per_digit=args.prior_per_digit,
         topk=not args.no_topk,
         merge=not args.no_merge,
     )
@@ -148,8 +149,12 @@ def register(sub) -> None:
     p.add_argument(
         "--learning-rates", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="the search grid, same for all"
     )
-    p.add_argument("--steps", type=COUNT, default=300)
+    p.add_argument("--steps", type=COUNT, default=600)
     p.add_argument("--num-atoms", type=COUNT, default=66)
+    p.add_argument(
+        "--prior-per-digit", type=option(int, minimum=0), default=4,
+        help="prior preservation: the pretrained model's drawings of each other digit (0: off)",
+    )  # fmt: skip
     p.add_argument("--atom-budget", type=COUNT, default=None, help="atoms kept per module (default: 6)")
     p.add_argument("--eval-seeds", default="0,1", help="samples per prompt")
     p.add_argument("--prompts", help="a file of prompts, one per line, {} = the concept")
