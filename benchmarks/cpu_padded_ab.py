@@ -15,7 +15,7 @@ import time
 import torch
 
 from atomtune.benchmark import apply_method, build_transformer, make_inputs, training_step
-from atomtune.integrations import diffusers as dx
+from atomtune.core.hosts import diffusers as dx
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from atomtune.testbed import customize as cz
+from atomtune.testbed.digit_pipeline import digit_pipeline
 from atomtune.testbed.judges import load_classifier
-from atomtune.testbed.pipeline import digit_pipeline
 
 
 def main() -> None:

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from atomtune import AtomConfig, AtomModel
-from atomtune.functional import (
+from atomtune.core.functional import (
     attention_with_atoms,
     head_padded_linear,
     head_width,
     naive_attention,
     split_heads,
 )
-from atomtune.integrations import diffusers as dx
-from atomtune.integrations.diffusers import pads_through_weights
+from atomtune.core.hosts import diffusers as dx
+from atomtune.core.hosts.diffusers import pads_through_weights
 from atomtune.tiny import tiny_pixart
 
 

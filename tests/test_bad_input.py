@@ -724,7 +724,7 @@ def _(tmp, m):
 
 @row("output is an input", "eval --out the manifest it reads", guarded="gen")
 def _(tmp, m):
-    from atomtune.evaluation.manifest import ImageRecord, write_manifest
+    from atomtune.workflows.manifest import ImageRecord, write_manifest
 
     gen = tmp / "gen"
     gen.mkdir()
@@ -788,7 +788,7 @@ _RUNNER = """
 import os, sys, time
 import torch
 torch.set_num_threads(1)
-import atomtune.diffusion.trainer as trainer
+import atomtune.workflows.train.loop as trainer
 from atomtune.cli import main
 
 hang = int(os.environ.get("HANG_AT_STEP", "0"))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from atomtune import AtomConfig, AtomModel
-from atomtune.budget import AtomBudgetRun, budget_schedule, cut, kept_at, lr_factor
+from atomtune.core.budget import AtomBudgetRun, budget_schedule, cut, kept_at, lr_factor
+from atomtune.core.stats import AtomStatistics
 from atomtune.errors import AtomtuneError
-from atomtune.stats import AtomStatistics
 from atomtune.tiny import tiny_pixart, tiny_pixart_inputs
 from conftest import randomize_atoms
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atomtune.diffusion.data import check_prompts, has_token, list_images, load_images, read_prompts
+from atomtune.diffusion.data import check_prompts, has_token, load_images, read_prompts
 from atomtune.diffusion.methods import MethodConfig
-from atomtune.diffusion.trainer import TrainSettings
 from atomtune.errors import AtomtuneError
+from atomtune.io import list_images
+from atomtune.workflows.train import TrainSettings
 
 
 def _png(path, color=(255, 0, 0), size=(48, 40)):

@@ -8,13 +8,8 @@ import json
 import pytest
 import torch
 
-from atomtune.diffusion.methods import (
-    METHODS,
-    MethodConfig,
-    apply_method,
-    load_adapters,
-    read_adapter_info,
-)
+from atomtune.diffusion.adapters import load_adapters, read_adapter_info
+from atomtune.diffusion.methods import METHODS, MethodConfig, apply_method
 from atomtune.errors import AtomtuneError
 from atomtune.tiny import tiny_pixart, tiny_pixart_inputs
 from diffusion_helpers import one_thread

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from atomtune.cli import main
-from atomtune.diffusion.pipeline import load_pipeline, spec_for, tiny_pixart_pipeline
+from atomtune.diffusion.pipeline import load_pipeline, tiny_pixart_pipeline
+from atomtune.diffusion.spec import spec_for
 from atomtune.errors import AtomtuneError
 from diffusion_helpers import one_thread
 

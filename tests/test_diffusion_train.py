@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from atomtune.diffusion.methods import METHODS, load_adapters
+from atomtune.diffusion.adapters import load_adapters
+from atomtune.diffusion.methods import METHODS
 from atomtune.diffusion.pipeline import tiny_pixart_pipeline
-from atomtune.diffusion.trainer import TrainSettings, train
 from atomtune.errors import AtomtuneError
+from atomtune.workflows.train import TrainSettings, train
 from diffusion_helpers import dreambooth_images, one_thread
 
 
@@ -168,7 +169,7 @@ def test_pixart_alpha_with_size_conditioning_trains_and_generates(dog_images, tm
     """PixArt-α at 1024 (sample size 128) conditions on image size and aspect ratio: the spec passes them."""
     from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 
-    from atomtune.diffusion.generate import generate
+    from atomtune.workflows.generate import generate
 
     sigma = tiny_pixart_pipeline()
     torch.manual_seed(0)

@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from atomtune.cli import main
-from atomtune.diffusion.generate import generate
 from atomtune.diffusion.methods import MethodConfig, apply_method
 from atomtune.diffusion.pipeline import tiny_pixart_pipeline
 from atomtune.tiny import tiny_pixart
+from atomtune.workflows.generate import generate
 from diffusion_helpers import dreambooth_images, one_thread
 
 MODULES = [f"transformer_blocks.{b}.{a}" for b in (0, 1) for a in ("attn1", "attn2")]

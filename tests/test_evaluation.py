@@ -16,15 +16,15 @@ from PIL import Image
 
 from atomtune.errors import AtomtuneError
 from atomtune.evaluation.evaluate import evaluate_folder, markdown_table, real_images, write_results
-from atomtune.evaluation.manifest import (
+from atomtune.evaluation.metrics import Evaluator, load_evaluator, pairwise_mean_cosine
+from atomtune.evaluation.prompts import load_dreambooth, parse_prompts_and_classes, strip_token
+from atomtune.evaluation.tiny import save_tiny_models, tiny_evaluator
+from atomtune.workflows.manifest import (
     ImageRecord,
     default_image_path,
     read_manifest,
     write_manifest,
 )
-from atomtune.evaluation.metrics import Evaluator, load_evaluator, pairwise_mean_cosine
-from atomtune.evaluation.prompts import load_dreambooth, parse_prompts_and_classes, strip_token
-from atomtune.evaluation.tiny import save_tiny_models, tiny_evaluator
 
 REAL_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth" / "dataset"
 

@@ -10,10 +10,10 @@ import pytest
 
 from atomtune.errors import AtomtuneError
 from atomtune.evaluation import dit
-from atomtune.evaluation.manifest import read_manifest
 from atomtune.evaluation.prompts import load_dreambooth
 from atomtune.evaluation.runner import make_jobs, run_benchmark
 from atomtune.evaluation.tiny import tiny_evaluator
+from atomtune.workflows.manifest import read_manifest
 from test_evaluation import make_dataset
 
 TRAIN = {"max_steps": 2, "num_atoms": 8}
@@ -69,7 +69,7 @@ def test_benchmark_trains_generates_and_reuses_the_adapter(tmp_path, monkeypatch
         raise AssertionError("trained again")
 
     monkeypatch.setattr(dit.subprocess, "run", fake_run)
-    monkeypatch.setattr("atomtune.diffusion.trainer.train", no_training)
+    monkeypatch.setattr("atomtune.workflows.train.train", no_training)
     monkeypatch.setenv("RANK", "0")
     (out / "results" / "atoms" / "dog.json").unlink()
     (folder / "manifest.json").unlink()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import atomtune.serialization
+import atomtune.core.serialization
 from atomtune.cli import main
 from atomtune.errors import AtomtuneError
 from atomtune.evaluation.runner import BenchmarkJob, run_benchmark, synthetic_train_and_generate
@@ -122,7 +122,7 @@ def test_results_files_and_table(tmp_path, evaluator):
 
 def test_results_are_written_atomically(tmp_path, evaluator, monkeypatch):
     written: list[str] = []
-    real = atomtune.serialization.atomic_write
+    real = atomtune.core.serialization.atomic_write
 
     def spy(path, write):
         written.append(Path(path).name)

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from atomtune.core.functional import naive_attention
+from atomtune.core.shrinkage import shrink
 from atomtune.experiments.fourier import (
     FourierBlock,
     FourierSettings,
@@ -18,8 +20,6 @@ from atomtune.experiments.fourier import (
     run_fourier,
     spectra,
 )
-from atomtune.functional import naive_attention
-from atomtune.shrinkage import shrink
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from atomtune.diffusion.generate import generate
-from atomtune.evaluation.manifest import read_manifest
+from atomtune.workflows.generate import generate
+from atomtune.workflows.manifest import read_manifest
 
 
 def test_generate_writes_an_eval_manifest(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atomtune.functional import attention_with_atoms, naive_attention
+from atomtune.core.functional import attention_with_atoms, naive_attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,7 +35,7 @@ def test_padded_projection_path_matches_reference_in_bf16(grad):
     import copy
 
     from atomtune import AtomConfig, AtomModel
-    from atomtune.integrations.diffusers import pads_through_weights
+    from atomtune.core.hosts.diffusers import pads_through_weights
     from atomtune.tiny import tiny_pixart
 
     torch.manual_seed(0)

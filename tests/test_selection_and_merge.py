@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from atomtune import AtomConfig, AtomModel, AtomtuneError
-from atomtune.merge import atom_overlap
-from atomtune.selection import global_top_k_masks, share_masks, top_k_masks
-from atomtune.serialization import WEIGHTS_NAME
-from atomtune.stats import AtomStatistics, weight_importance
+from atomtune.core.merge import atom_overlap
+from atomtune.core.selection import global_top_k_masks, share_masks, top_k_masks
+from atomtune.core.serialization import WEIGHTS_NAME
+from atomtune.core.stats import AtomStatistics, weight_importance
 from atomtune.tiny import tiny_pixart
 from conftest import randomize_atoms, run_pixart
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from atomtune import AtomConfig, AtomModel, AtomtuneError
-from atomtune.serialization import CONFIG_NAME, WEIGHTS_NAME
+from atomtune.core.serialization import CONFIG_NAME, WEIGHTS_NAME
 from atomtune.tiny import tiny_causal_lm, tiny_pixart
 from conftest import randomize_atoms, run_pixart
 
@@ -119,7 +119,7 @@ def test_failed_save_keeps_the_previous_files(saved, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("atomtune.serialization.save_file", boom)
+    monkeypatch.setattr("atomtune.core.serialization.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         atoms.save(folder)
     assert (folder / WEIGHTS_NAME).read_bytes() == before

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from atomtune import AtomConfig, AtomModel
-from atomtune.shrinkage import relu_threshold, shrink, soft_threshold, topk_threshold
+from atomtune.core.shrinkage import relu_threshold, shrink, soft_threshold, topk_threshold
 
 
 def test_soft_threshold_values_and_zero_rate():
@@ -55,7 +55,7 @@ def test_unknown_shrinkage():
 
 def test_topk_rate_inside_model():
     """Through a real adapted model: exactly k of M coefficients per token are non-zero."""
-    from atomtune.stats import AtomStatistics
+    from atomtune.core.stats import AtomStatistics
     from atomtune.tiny import tiny_pixart, tiny_pixart_inputs
 
     model = tiny_pixart()
@@ -68,7 +68,7 @@ def test_topk_rate_inside_model():
 
 def test_soft_rate_inside_model_follows_lambda():
     """A larger fixed λ gives more zeros; λ = 0 gives (almost) none."""
-    from atomtune.stats import AtomStatistics
+    from atomtune.core.stats import AtomStatistics
     from atomtune.tiny import tiny_pixart, tiny_pixart_inputs
 
     rates = []

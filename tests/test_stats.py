@@ -7,8 +7,8 @@ import json
 import torch
 
 from atomtune import AtomConfig, AtomModel
-from atomtune.losses import orthogonality
-from atomtune.stats import AtomStatistics
+from atomtune.core.losses import orthogonality
+from atomtune.core.stats import AtomStatistics
 from atomtune.tiny import tiny_pixart, tiny_pixart_inputs
 from conftest import randomize_atoms
 

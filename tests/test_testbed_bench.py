@@ -12,10 +12,10 @@ from atomtune.cli import main
 from atomtune.errors import AtomtuneError
 from atomtune.testbed import customize as cz
 from atomtune.testbed.bench import BenchSettings, run_bench
+from atomtune.testbed.digit_pipeline import digit_pipeline
 from atomtune.testbed.digits import COLORS, Attributes
 from atomtune.testbed.judges import extract_glyph, load_classifier
 from atomtune.testbed.model import read_metadata, shipped_weights
-from atomtune.testbed.pipeline import digit_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,14 @@ def test_prompt_parsing_and_prompt_files(tmp_path):
     assert cz.parse_prompt("a sks digit on a beach") is None
     f = tmp_path / "p.txt"
     f.write_text("# mine\na large green {}\n\na sks digit on the moon\n")
-    prompts = cz.read_prompts(f)
+    prompts = cz.read_digit_prompts(f)
     assert [p.text for p in prompts] == ["a large green sks digit", "a sks digit on the moon"]
     assert prompts[0].attributes.color == "green" and prompts[1].attributes is None
     f.write_text("a large green seven\n")
     with pytest.raises(AtomtuneError, match="without the concept"):
-        cz.read_prompts(f)
+        cz.read_digit_prompts(f)
     with pytest.raises(AtomtuneError, match="not found"):
-        cz.read_prompts(tmp_path / "missing.txt")
+        cz.read_digit_prompts(tmp_path / "missing.txt")
 
 
 def test_style_share_reads_stroke_color():

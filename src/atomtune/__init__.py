@@ -4,12 +4,11 @@ Each adapted module's feature change is a sparse combination of learned atoms,
 ``ΔO = σ_λ(A·X·W_s)·D``; the sparse coefficients tell which atoms matter.
 """
 
-__version__ = "0.1.0"
-
-from .config import AtomConfig
-from .errors import AtomtuneError
-from .layer import AtomAttention, AtomLayer, AtomLinear, Atoms
-from .model import AtomModel
+from atomtune.core.config import AtomConfig
+from atomtune.core.layer import AtomAttention, AtomLayer, AtomLinear, Atoms
+from atomtune.core.model import AtomModel
+from atomtune.errors import AtomtuneError
+from atomtune.version import __version__
 
 __all__ = [
     "AtomAttention",

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AtomConfig
-from .errors import AtomtuneError
-from .integrations import diffusers as dx
-from .model import AtomModel
-from .selection import top_k_masks
-from .stats import weight_importance
+from atomtune.core.config import AtomConfig
+from atomtune.core.hosts import diffusers as dx
+from atomtune.core.model import AtomModel
+from atomtune.core.selection import top_k_masks
+from atomtune.core.stats import weight_importance
+from atomtune.errors import AtomtuneError
 
 PRESETS: dict[str, dict[str, int]] = {
     "cpu-tiny": dict(heads=2, head_dim=16, layers=2, sample=16, text=8, caption=32),
@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 METHODS = ("bare", "atoms", "atoms_padcat", "atoms_separate", "lora", "dora", "oft")
 # atoms: one attention call, widened heads from the projections where the device gains from it
-# (integrations.diffusers.PADDED_PROJECTION_DEVICES); atoms_padcat: one call, heads padded and
+# (hosts.diffusers.PADDED_PROJECTION_DEVICES); atoms_padcat: one call, heads padded and
 # concatenated per call (the path before); atoms_separate: a second attention call
 ATOM_METHODS = ("atoms", "atoms_padcat", "atoms_separate")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -62,7 +62,7 @@ def build_transformer(preset: str, device: str, dtype: torch.dtype, sample: int 
     """PixArt at the preset's size with random weights; ``sample`` (latent side) overrides the preset's."""
     from diffusers import PixArtTransformer2DModel
 
-    from .progress import show_notices_once
+    from atomtune.progress import show_notices_once
 
     show_notices_once(("diffusers",))  # a notice per model built would repeat once per method
     p = PRESETS[preset]
@@ -510,7 +510,7 @@ def _device_name(device: str) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    from .serialization import atomic_write
+    from atomtune.io import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(report)

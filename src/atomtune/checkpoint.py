@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import AtomtuneError
-from .validation import check_tensor, number_problem
+from atomtune.errors import AtomtuneError
+from atomtune.validation import check_tensor, number_problem
 
 STATE_JSON = "trainer_state.json"
 TENSORS = "state.safetensors"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import AtomtuneError
+from atomtune.errors import AtomtuneError
 
 #: the largest seed torch and numpy accept
 SEED_MAX = 2**32 - 1
@@ -136,6 +136,16 @@ def check_device(name: str) -> str:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise AtomtuneError(f"device {name!r} asked for, but MPS is not available here")
     return name
+
+
+def default_device() -> str:
+    """Where work runs when no device is named: the GPU when torch sees one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked (``check_device``), or the default one when None."""
+    return torch.device(check_device(str(device) if device is not None else default_device()))
 
 
 def device_option(text: str) -> str:

@@ -11,51 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AtomtuneError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-#: the most pixels an image may have (PIL's own guard against decompression bombs, 89 million)
-MAX_PIXELS = 89_478_485
-
-
-def list_images(source: str | Path, what: str = "instance images") -> list[Path]:
-    """The image files of a folder (sorted), or a single image file; an error if there are none."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise AtomtuneError(f"{path} is not an image file ({', '.join(IMAGE_SUFFIXES)})")
-        return [path]
-    if not path.is_dir():
-        raise AtomtuneError(f"{what}: folder not found: {path}")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
-        found = "it is empty" if not files else f"it holds {len(files)} file(s), none an image"
-        raise AtomtuneError(f"{what}: no images in {path} ({found}; looked for {', '.join(IMAGE_SUFFIXES)})")
-    return images
-
-
-def open_image(path: Path):
-    """The image at ``path`` as RGB; a clear error when it is not a readable image or is larger than
-    ``MAX_PIXELS`` (a small file can claim billions of pixels and exhaust the memory)."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise AtomtuneError(
-                        f"{path} is {img.width}x{img.height} pixels, more than the {MAX_PIXELS:,} "
-                        "an image may have; resize it first"
-                    )
-                return img.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise AtomtuneError(f"{path} has more pixels than an image may have ({exc})") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise AtomtuneError(f"{path} is not a readable image ({exc.__class__.__name__})") from exc
+from atomtune.errors import AtomtuneError
+from atomtune.io import list_images, open_image
 
 
 def square_crop(img, resolution: int):

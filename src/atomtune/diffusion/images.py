@@ -2,35 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-from ..serialization import atomic_write
-
-
-def save_png(image, path: str | Path) -> Path:
-    """Write a PIL image as PNG via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: image.save(p, format="PNG"))
-    return path
-
-
-def save_json(data: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-    return path
-
-
-def save_text(text: str, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-    return path
 
 
 def grid(

@@ -1,12 +1,10 @@
-"""Load a diffusion-transformer pipeline, and the thin model-specific part every workflow goes through.
+"""Load a diffusion-transformer pipeline: a hub id, a local folder, or a registered name.
 
-``load_pipeline`` takes a hub id, a local folder (what ``save_pretrained`` writes), or the reserved
-name ``tiny``: a small ``PixArtSigmaPipeline`` built in-process from configs (tiny T5 encoder, a
-character-level tokenizer made offline, tiny VAE), for tests and for trying the commands in seconds.
-
-``PixArtSpec`` is all the workflows know about the model: how to encode prompts, how to turn images
-into latents, how to call the transformer for a noise prediction, and how to run the sampler. Another
-DiT (SD3, Sana, Flux, ...) needs another spec of the same shape, nothing else.
+``load_pipeline`` takes a hub id, a local folder (what ``save_pretrained`` writes), or a name
+registered with ``register_pipeline`` (or installed under the ``atomtune.pipelines`` entry points):
+``tiny`` is a small ``PixArtSigmaPipeline`` built in-process from configs (tiny T5 encoder, a
+character-level tokenizer made offline, tiny VAE), for tests and for trying the commands in seconds;
+the testbed installs ``digits``. What a workflow needs to know about the model is in ``spec``.
 """
 
 from __future__ import annotations
@@ -14,20 +12,20 @@ from __future__ import annotations
 import os
 import string
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import AtomtuneError
-from ..progress import show_notices_once
-from ..validation import check_device
+from atomtune.diffusion.spec import spec_for
+from atomtune.errors import AtomtuneError
+from atomtune.progress import show_notices_once
+from atomtune.validation import check_device, default_device
 
 TINY = "tiny"
-DIGITS = "digits"  # the offline testbed's pretrained digit model (atomtune.testbed)
+PIPELINE_ENTRY_POINTS = "atomtune.pipelines"  # installed packages name their pipelines here
 DEFAULT_PRETRAINED = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
-SUPPORTED = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -48,10 +46,6 @@ def parse_dtype(name: str | torch.dtype | None, device: str | torch.device | Non
     if name not in DTYPES:
         raise AtomtuneError(f"dtype must be auto or one of {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # -- the tiny pipeline --------------------------------------------------------------------------
@@ -85,7 +79,7 @@ def tiny_pixart_pipeline(seed: int = 0, layers: int = 2, heads: int = 2, head_di
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline
     from transformers import T5Config, T5EncoderModel
 
-    from ..tiny import tiny_pixart
+    from atomtune.tiny import tiny_pixart
 
     with torch.random.fork_rng(devices=[]):
         transformer = tiny_pixart(seed=seed, heads=heads, head_dim=head_dim, layers=layers, sample_size=8)
@@ -126,6 +120,40 @@ def tiny_pixart_pipeline(seed: int = 0, layers: int = 2, heads: int = 2, head_di
     return pipe
 
 
+# -- named pipelines ------------------------------------------------------------------------------
+_NAMED: dict[str, Callable[[], Any]] = {}
+
+
+def register_pipeline(name: str, build: Callable[[], Any]) -> None:
+    """Let ``load_pipeline(name)`` build a pipeline in-process (``tiny``; the testbed's ``digits``).
+
+    The generic loader never imports a specific one: a package registers its builder here, or names it
+    under the ``atomtune.pipelines`` entry-point group of its metadata, found on first use.
+    """
+    _NAMED[name] = build
+
+
+def named_pipeline(name: str) -> Callable[[], Any] | None:
+    """The builder registered under ``name``, or None (then ``name`` is a hub id or a folder)."""
+    if name not in _NAMED:
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group=PIPELINE_ENTRY_POINTS):
+            if entry.name == name:
+                _NAMED[name] = entry.load()
+    return _NAMED.get(name)
+
+
+def pipeline_names() -> list[str]:
+    """Every name ``load_pipeline`` builds in-process, registered or installed."""
+    from importlib.metadata import entry_points
+
+    return sorted(set(_NAMED) | {e.name for e in entry_points(group=PIPELINE_ENTRY_POINTS)})
+
+
+register_pipeline(TINY, tiny_pixart_pipeline)
+
+
 # -- loading ------------------------------------------------------------------------------------
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
@@ -138,7 +166,7 @@ def load_pipeline(
     device: str | None = None,
     local_files_only: bool = False,
 ):
-    """A supported diffusers pipeline from a hub id, a local folder or ``"tiny"``, on ``device``.
+    """A supported diffusers pipeline from a hub id, a local folder or a registered name, on ``device``.
 
     A hub id is looked up in the Hugging Face cache first; without network and without a cached copy
     the error says what was looked for and how to point at a local copy instead.
@@ -146,13 +174,9 @@ def load_pipeline(
     device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
     show_notices_once()
-    if pretrained in (TINY, DIGITS):
-        if pretrained == TINY:
-            pipe = tiny_pixart_pipeline()
-        else:
-            from ..testbed.pipeline import digit_pipeline
-
-            pipe = digit_pipeline()
+    build = named_pipeline(pretrained)
+    if build is not None:
+        pipe = build()
         pipe.to(device)
         if torch_dtype != torch.float32:
             pipe.to(dtype=torch_dtype)
@@ -162,6 +186,15 @@ def load_pipeline(
     spec_for(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def resolve_pipe(pretrained, dtype="auto", variant=None, device=None, local_files_only=False):
+    """A pipeline object as given, or loaded from a name/folder."""
+    if isinstance(pretrained, str):
+        return load_pipeline(pretrained, dtype, variant, device, local_files_only)
+    spec_for(pretrained)
+    pretrained.set_progress_bar_config(disable=True)
+    return pretrained
 
 
 def _from_pretrained(pretrained: str, torch_dtype: torch.dtype, variant: str | None, local_files_only: bool):
@@ -239,161 +272,3 @@ def load_transformer(
 def pipeline_name(pipe) -> str:
     """The name the pipeline was loaded under (hub id, folder or ``tiny``): recorded in adapters."""
     return str(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
-
-
-# -- the model-specific part --------------------------------------------------------------------
-@dataclass
-class Prompts:
-    """Encoded prompts: T5 embeddings (P, L, C) and their attention mask (P, L)."""
-
-    embeds: torch.Tensor
-    mask: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.embeds.shape[0]
-
-    def select(self, index: torch.Tensor | list[int]) -> Prompts:
-        index = torch.as_tensor(index, dtype=torch.long, device=self.embeds.device)
-        return Prompts(self.embeds[index], self.mask[index])
-
-
-class PixArtSpec:
-    """PixArt-α and PixArt-Σ (``PixArtTransformer2DModel``): everything model-specific, in one place."""
-
-    #: modules the PEFT baselines adapt; atoms adapt the attention modules holding them
-    target_modules = ("to_q", "to_k", "to_v", "to_out.0")
-
-    def __init__(self, pipe) -> None:
-        self.pipe = pipe
-        transformer = pipe.transformer
-        self.alpha = type(pipe).__name__ == "PixArtAlphaPipeline"
-        self.max_sequence_length = 120 if self.alpha else 300
-        if pipe.text_encoder is not None and hasattr(pipe.tokenizer, "model_max_length"):
-            self.max_sequence_length = min(self.max_sequence_length, pipe.tokenizer.model_max_length)
-        self.vae_scale_factor = pipe.vae_scale_factor
-        self.patch_size = transformer.config.patch_size
-        self.use_additional_conditions = bool(getattr(transformer, "use_additional_conditions", False))
-        self.native_resolution = transformer.config.sample_size * self.vae_scale_factor
-
-    def check_resolution(self, height: int, width: int | None = None) -> None:
-        multiple = self.vae_scale_factor * self.patch_size
-        for side in (height, width if width is not None else height):
-            if side < multiple or side % multiple:
-                raise AtomtuneError(
-                    f"image size {side} must be a positive multiple of {multiple} for this model "
-                    f"(VAE factor {self.vae_scale_factor} x patch {self.patch_size})"
-                )
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Prompts:
-        if self.pipe.text_encoder is None:
-            raise AtomtuneError("this pipeline has no text encoder loaded")
-        embeds, mask, _, _ = self.pipe.encode_prompt(
-            list(prompts),
-            do_classifier_free_guidance=False,
-            device=self.pipe.text_encoder.device,
-            max_sequence_length=self.max_sequence_length,
-        )
-        return Prompts(embeds, mask)
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images in [-1, 1] (B, 3, H, W) → the VAE posterior's mean and std (sample latents from them)."""
-        vae = self.pipe.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return dist.mean.float().cpu(), dist.std.float().cpu()
-
-    def latents(self, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        config = self.pipe.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return (mean + std * eps - shift) * config.scaling_factor
-
-    def predict_noise(
-        self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: Prompts
-    ) -> torch.Tensor:
-        """The transformer's noise (or velocity) prediction, learned-sigma channels dropped."""
-        batch = noisy.shape[0]
-        added = {"resolution": None, "aspect_ratio": None}
-        if self.use_additional_conditions:
-            h, w = (s * self.vae_scale_factor for s in noisy.shape[-2:])
-            added = {
-                "resolution": torch.tensor([[h, w]], dtype=noisy.dtype, device=noisy.device).repeat(batch, 1),
-                "aspect_ratio": torch.tensor([[h / w]], dtype=noisy.dtype, device=noisy.device).repeat(
-                    batch, 1
-                ),
-            }
-        out = model(
-            noisy,
-            encoder_hidden_states=prompts.embeds,
-            encoder_attention_mask=prompts.mask,
-            timestep=timesteps,
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
-        if out.shape[1] == 2 * noisy.shape[1]:
-            out = out.chunk(2, dim=1)[0]
-        return out
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: Prompts,
-        negative: Prompts,
-        seed: int,
-        steps: int,
-        guidance_scale: float,
-        height: int,
-        width: int,
-    ):
-        """One image (PIL) for one encoded prompt and seed."""
-        self.check_resolution(height, width)
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        latents = torch.randn(
-            (
-                1,
-                self.pipe.transformer.config.in_channels,
-                height // self.vae_scale_factor,
-                width // self.vae_scale_factor,
-            ),
-            generator=generator,
-        )
-        device, dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
-        out = self.pipe(
-            negative_prompt=None,
-            prompt_embeds=prompt.embeds.to(device, dtype),
-            prompt_attention_mask=prompt.mask.to(device),
-            negative_prompt_embeds=negative.embeds.to(device, dtype),
-            negative_prompt_attention_mask=negative.mask.to(device),
-            latents=latents.to(device, dtype),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            use_resolution_binning=False,
-            max_sequence_length=self.max_sequence_length,
-            clean_caption=False,
-            output_type="pil",
-        )
-        return out.images[0]
-
-    def timesteps(self) -> list[int]:
-        """The timesteps the sampler visited in the last ``generate`` call."""
-        return [int(t) for t in self.pipe.scheduler.timesteps]
-
-
-def spec_for(pipe) -> PixArtSpec:
-    """The model-specific part for ``pipe``; a clear error for a pipeline not supported yet.
-
-    A pipeline class may name its own spec as ``atomtune_spec`` (the testbed's ``DigitPipeline``
-    does): that is how another diffusion transformer plugs in.
-    """
-    own = getattr(type(pipe), "atomtune_spec", None)
-    if own is not None:
-        return own(pipe)
-    name = type(pipe).__name__
-    if name not in SUPPORTED or not hasattr(pipe, "transformer"):
-        raise AtomtuneError(
-            f"{name} is not supported yet (supported: {', '.join(SUPPORTED)}); "
-            f"a new diffusion transformer needs a spec like PixArtSpec in atomtune/diffusion/pipeline.py"
-        )
-    return PixArtSpec(pipe)

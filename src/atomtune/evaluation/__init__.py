@@ -12,11 +12,11 @@
 transformers and the diffusion workflows are imported when used, not when this package is.
 """
 
-from .evaluate import evaluate_folder, markdown_table, write_results
-from .manifest import ImageRecord, Manifest, read_manifest, write_manifest
-from .metrics import DEFAULT_CLIP, DEFAULT_DINO, Evaluator, load_evaluator
-from .prompts import load_dreambooth, strip_token
-from .runner import BenchmarkJob, run_benchmark, synthetic_train_and_generate
+from atomtune.evaluation.evaluate import evaluate_folder, markdown_table, write_results
+from atomtune.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO, Evaluator, load_evaluator
+from atomtune.evaluation.prompts import load_dreambooth, strip_token
+from atomtune.evaluation.runner import BenchmarkJob, run_benchmark, synthetic_train_and_generate
+from atomtune.workflows.manifest import ImageRecord, Manifest, read_manifest, write_manifest
 
 __all__ = [
     "DEFAULT_CLIP",

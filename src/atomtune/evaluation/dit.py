@@ -1,7 +1,7 @@
 """The benchmark's default ``train_and_generate``: atomtune's DiT workflow (PixArt) for one subject.
 
 For a ``BenchmarkJob``: load the pipeline, fine-tune it on the subject's images with the job's
-method (``atoms``, ``lora``, ``dora``, ``oft``: ``atomtune.diffusion.trainer.train``; ``base``
+method (``atoms``, ``lora``, ``dora``, ``oft``: ``atomtune.workflows.train.train``; ``base``
 skips training and scores the pretrained model), then generate every evaluation prompt × seed with
 the adapter active and write the images and ``manifest.json`` into ``job.images_dir``. A trained
 adapter left by an interrupted run (``OUT/runs/METHOD/SUBJECT/train/adapter``) is loaded instead of
@@ -27,11 +27,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import AtomtuneError
-from ..serialization import atomic_write
-from ..validation import check_number, check_type
-from .manifest import ImageRecord, default_image_path, write_manifest
-from .runner import BenchmarkJob
+from atomtune.errors import AtomtuneError
+from atomtune.evaluation.runner import BenchmarkJob
+from atomtune.io import atomic_write, save_png
+from atomtune.validation import check_number, check_type
+from atomtune.workflows.manifest import ImageRecord, default_image_path, write_manifest
 
 #: generation options (``--generate-arg KEY=VALUE``) and their defaults
 GENERATE_DEFAULTS: dict[str, Any] = {
@@ -113,7 +113,7 @@ def check_options(
     train_options: Mapping[str, Any] | None, generate_options: Mapping[str, Any] | None
 ) -> None:
     """Refuse bad ``--train-arg`` / ``--generate-arg`` values before the first job starts."""
-    from ..diffusion.trainer import TrainSettings
+    from atomtune.workflows.train import TrainSettings
 
     _generate_options(generate_options)
     options = {k: v for k, v in dict(train_options or {}).items() if k != "pretrained"}
@@ -134,7 +134,8 @@ def _job_from(spec: Mapping[str, Any]) -> BenchmarkJob:
 
 
 def _run(spec: Mapping[str, Any]) -> Path:
-    from ..diffusion.pipeline import DEFAULT_PRETRAINED, load_pipeline, pipeline_name, spec_for
+    from atomtune.diffusion.pipeline import DEFAULT_PRETRAINED, load_pipeline, pipeline_name
+    from atomtune.diffusion.spec import spec_for
 
     job = _job_from(spec)
     gen = spec["generate_options"]
@@ -144,7 +145,7 @@ def _run(spec: Mapping[str, Any]) -> Path:
     adapter_dir = train_dir / "adapter"
     settings = None
     if job.method != "base":
-        from ..diffusion.trainer import TrainSettings
+        from atomtune.workflows.train import TrainSettings
 
         values = {
             "instance_data": str(job.instance_images[0].parent),
@@ -162,17 +163,16 @@ def _run(spec: Mapping[str, Any]) -> Path:
 
     dtype = options.get("dtype", "auto")  # base: only the loading options (dtype, variant, ...) apply
     if settings is not None:  # the trainer's rule: weights in the mixed-precision dtype unless told
-        precision = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[settings.mixed_precision]
-        dtype = precision if settings.dtype == "auto" else settings.dtype
+        dtype = settings.weight_dtype()
     local = bool(options.get("local_files_only", False))
     pipe = load_pipeline(pretrained, dtype, options.get("variant"), job.device, local)
     if settings is not None:
         if (adapter_dir / "training.json").is_file():
-            from ..diffusion.methods import load_adapters
+            from atomtune.diffusion.adapters import load_adapters
 
             load_adapters(pipe.transformer, [adapter_dir], pipeline_name(pipe))
         else:
-            from ..diffusion.trainer import train
+            from atomtune.workflows.train import train
 
             train(settings, pipe=pipe, progress=spec["progress"])
     pipe.transformer.eval()
@@ -182,35 +182,24 @@ def _run(spec: Mapping[str, Any]) -> Path:
 
     import torch
 
-    from ..progress import progress_bar
+    from atomtune.workflows.generate import draw
 
-    encoded = model.encode_prompts(list(job.prompts))
-    negative = model.encode_prompts([gen["negative_prompt"]])
     records = []
-    total = len(job.prompts) * len(job.seeds)
-    bar = progress_bar(
-        total=total, desc=f"generate {job.subject}/{job.method}", disable=not spec["progress"], leave=False
+    adapter = str(adapter_dir) if settings is not None else None
+    desc = f"generate {job.subject}/{job.method}"
+    args = (
+        gen["steps"],
+        gen["guidance_scale"],
+        resolution,
+        resolution,
+        gen["negative_prompt"],
+        spec["progress"],
     )
     with torch.no_grad():
-        for i, prompt in enumerate(job.prompts):
-            for seed in job.seeds:
-                image = model.generate(
-                    encoded.select([i]),
-                    negative,
-                    seed,
-                    gen["steps"],
-                    gen["guidance_scale"],
-                    resolution,
-                    resolution,
-                )
-                rel = default_image_path(job.method, job.subject, i, prompt, seed)
-                path = job.images_dir / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda p, image=image: image.save(p, format="PNG"))
-                adapter = str(adapter_dir) if settings is not None else None
-                records.append(ImageRecord(rel, job.subject, prompt, seed, job.method, adapter))
-                bar.update(1)
-    bar.close()
+        for i, seed, image in draw(model, list(job.prompts), list(job.seeds), *args, desc=desc):
+            rel = default_image_path(job.method, job.subject, i, job.prompts[i], seed)
+            save_png(image, job.images_dir / rel)
+            records.append(ImageRecord(rel, job.subject, job.prompts[i], seed, job.method, adapter))
     metadata = {
         "unique_token": job.token,
         "pretrained": pipeline_name(pipe),

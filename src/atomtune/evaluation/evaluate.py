@@ -19,11 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import AtomtuneError
-from ..serialization import atomic_write
-from .manifest import read_manifest
-from .metrics import METRICS, Evaluator
-from .prompts import DEFAULT_TOKEN, PROMPTS_FILE, list_images
+from atomtune.errors import AtomtuneError
+from atomtune.evaluation.metrics import METRICS, Evaluator
+from atomtune.evaluation.prompts import DEFAULT_TOKEN, PROMPTS_FILE
+from atomtune.io import atomic_write, list_images
+from atomtune.workflows.manifest import read_manifest
 
 RESULTS_FORMAT = "atomtune-dreambooth-eval"
 RESULTS_VERSION = 1
@@ -41,7 +41,7 @@ def real_images(real_root: str | Path, subject: str) -> list[Path]:
     folder = root / subject
     if not folder.is_dir():
         raise AtomtuneError(f"no real images for subject {subject!r}: folder {folder} not found")
-    images = list_images(folder)
+    images = list_images(folder, "real images", allow_empty=True)
     if not images:
         raise AtomtuneError(f"no real images for subject {subject!r}: {folder} holds no image files")
     return images

@@ -40,9 +40,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import AtomtuneError
-from ..progress import progress_bar
-from .prompts import DEFAULT_TOKEN, strip_token
+from atomtune.errors import AtomtuneError
+from atomtune.evaluation.prompts import DEFAULT_TOKEN, strip_token
+from atomtune.progress import progress_bar
+from atomtune.validation import resolve_device
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -61,24 +62,12 @@ def paired_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (F.normalize(a.double(), dim=-1) * F.normalize(b.double(), dim=-1)).sum(-1)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        raise AtomtuneError(f"unknown device {device!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AtomtuneError(f"device {device} asked for, but torch sees no CUDA GPU")
-    return device
-
-
 def open_image(image: ImageLike):
     """An RGB PIL image from a path or a PIL image; a clear error for a missing or unreadable file
     (or one over the pixel limit: ``atomtune.diffusion.data.open_image`` reads it)."""
     from PIL import Image
 
-    from ..diffusion.data import open_image as read_image
+    from atomtune.io import open_image as read_image
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")

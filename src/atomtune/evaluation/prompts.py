@@ -19,12 +19,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AtomtuneError
+from atomtune.errors import AtomtuneError
+from atomtune.io import IMAGE_SUFFIXES, list_images
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 DEFAULT_TOKEN = "sks"
 LIVE_CLASSES = frozenset({"dog", "cat"})
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 _TEMPLATE = re.compile(r"""^\s*(['"])(.*\{0\}.*\{1\}.*)\1\.format\(\s*unique_token\s*,\s*class_token\s*\)""")
 
@@ -75,14 +75,6 @@ class DreamBoothDataset:
         return chosen
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; a clear error when the folder is missing."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise AtomtuneError(f"image folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def find_dataset_root(path: str | Path) -> Path:
     """Accept the dataset repository (with ``dataset/`` inside) or the ``dataset/`` folder itself."""
     path = Path(path)
@@ -130,14 +122,14 @@ def load_dreambooth(path: str | Path) -> DreamBoothDataset:
     """Read the dataset's subjects, classes and prompts (the images are listed, not opened)."""
     root = find_dataset_root(path)
     file = root / PROMPTS_FILE
-    from ..diffusion.data import read_text_file
+    from atomtune.diffusion.data import read_text_file
 
     text = read_text_file(file, "prompts file")
     classes, object_prompts, live_prompts = parse_prompts_and_classes(text, str(file))
     subjects = {}
     for name, cls in classes.items():
         folder = root / name
-        images = tuple(list_images(folder)) if folder.is_dir() else ()
+        images = tuple(list_images(folder, "subject images", allow_empty=True)) if folder.is_dir() else ()
         subjects[name] = Subject(name, cls, cls in LIVE_CLASSES, folder, images)
     return DreamBoothDataset(root, subjects, tuple(object_prompts), tuple(live_prompts))
 

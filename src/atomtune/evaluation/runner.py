@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from ..errors import AtomtuneError
-from ..progress import progress_bar
-from ..serialization import atomic_write
-from .evaluate import assemble, write_results
-from .manifest import ImageRecord, default_image_path, read_manifest, write_manifest
-from .metrics import Evaluator, open_image
-from .prompts import DEFAULT_TOKEN, DreamBoothDataset, load_dreambooth
+from atomtune.errors import AtomtuneError
+from atomtune.evaluation.evaluate import assemble, write_results
+from atomtune.evaluation.metrics import Evaluator, open_image
+from atomtune.evaluation.prompts import DEFAULT_TOKEN, DreamBoothDataset, load_dreambooth
+from atomtune.io import atomic_write, check_same_settings
+from atomtune.progress import progress_bar
+from atomtune.workflows.manifest import ImageRecord, default_image_path, read_manifest, write_manifest
 
 RUN_FORMAT = "atomtune-dreambooth-benchmark"
 
@@ -132,13 +132,7 @@ def _check_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
     saved = _read_json(path)
     if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT:
         raise AtomtuneError(f"{path} is not an atomtune benchmark run file")
-    old = saved.get("settings", {})
-    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    if differ:
-        changes = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in differ)
-        raise AtomtuneError(
-            f"{out_dir} holds a run with other settings ({changes}); use another output folder"
-        )
+    check_same_settings(out_dir, saved.get("settings", {}), settings)
 
 
 def _complete_manifest(job: BenchmarkJob) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .metrics import Evaluator
+from atomtune.evaluation.metrics import Evaluator
 
 IMAGE_SIZE = 32
 _MEAN, _STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet, as dino-vits16's processor

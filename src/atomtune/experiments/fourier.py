@@ -37,8 +37,8 @@ The two blocks, trained on the same signals for the same number of steps and bat
 - sparse: ``O = σ_λ(A·X·W_s)·D``, ``W_s`` (128 x M), ``D`` (M x 64) with unit-norm rows (as in
   dictionary learning: otherwise the L1 penalty is dodged by shrinking codes and growing atoms),
   ``σ_λ`` the soft threshold with a learned λ ≥ 0 per atom, loss + ``sparsity_weight``·mean|S|.
-  ``A·X·W_s`` is computed by ``atomtune.functional.attention_with_atoms`` (the core's kernel), the
-  shrinkage by ``atomtune.shrinkage.shrink``.
+  ``A·X·W_s`` is computed by ``atomtune.core.functional.attention_with_atoms`` (the core's kernel), the
+  shrinkage by ``atomtune.core.shrinkage.shrink``.
 
 Atoms, one definition for both blocks: dense, atom m is row m of ``W_v`` (128 atoms) with
 coefficients ``A·X``; sparse, row m of ``D`` (``num_atoms`` atoms) with ``σ_λ(A·X·W_s)``. Atom m's
@@ -88,12 +88,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atomtune.core.functional import attention_with_atoms
+from atomtune.core.losses import l1_sparsity, orthogonality
+from atomtune.core.shrinkage import shrink
 from atomtune.errors import AtomtuneError
-from atomtune.functional import attention_with_atoms
-from atomtune.losses import l1_sparsity, orthogonality
+from atomtune.io import atomic_write
 from atomtune.progress import progress_bar
-from atomtune.serialization import atomic_write
-from atomtune.shrinkage import shrink
 
 KINDS = ("dense", "sparse")
 LAYOUTS = ("positions", "lifted")
@@ -121,7 +121,7 @@ class FourierSettings:
     mixing_heads: int = 4
     feature_dim: int = 128  # block width: q, k, and the input of W_v and W_s
     num_atoms: int = 128  # atoms of the sparse block (the dense block has feature_dim rows in W_v)
-    shrinkage: str = "soft"  # "soft", "relu" or "topk" (atomtune.shrinkage)
+    shrinkage: str = "soft"  # "soft", "relu" or "topk" (atomtune.core.shrinkage)
     topk: int = 8  # only for shrinkage="topk"
     lambda_init: float = 1e-3
     lambda_lr_scale: float = 0.1  # λ's learning rate relative to the block's (see train_block)

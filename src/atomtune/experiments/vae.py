@@ -55,13 +55,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import AtomConfig
-from ..errors import AtomtuneError
-from ..model import AtomModel
-from ..selection import share_masks
-from ..serialization import atomic_write
-from ..stats import AtomStatistics
-from .digit_data import load_digit_images, split_per_class
+from atomtune.core.config import AtomConfig
+from atomtune.core.model import AtomModel
+from atomtune.core.selection import share_masks
+from atomtune.core.stats import AtomStatistics
+from atomtune.errors import AtomtuneError
+from atomtune.experiments.digit_data import load_digit_images, split_per_class
+from atomtune.io import atomic_write
 
 IMAGE = 28
 ATTENTION_MODULES = r"^(encoder|decoder)\.\d+\.attn$"

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..diffusion.images import save_png
-from ..selection import top_k_masks
-from . import customize as cz
+from atomtune.core.selection import top_k_masks
+from atomtune.io import save_png
+from atomtune.testbed import customize as cz
 
 
 def topk_rows(pipe, adapters: list[Path], ks: list[int], prompts, seeds, target, references, classifier):
@@ -30,9 +30,10 @@ def topk_rows(pipe, adapters: list[Path], ks: list[int], prompts, seeds, target,
 
     Atoms are ranked by their contribution while sampling the training prompt and the selection
     prompts (never the report prompts, which only judge)."""
-    from ..diffusion.analysis import calibrate
-    from ..diffusion.methods import load_adapters
-    from ..diffusion.pipeline import pipeline_name, spec_for
+    from atomtune.diffusion.adapters import load_adapters
+    from atomtune.diffusion.pipeline import pipeline_name
+    from atomtune.diffusion.spec import spec_for
+    from atomtune.workflows.analyze import calibrate
 
     per_adapter = []
     for adapter in adapters:
@@ -74,10 +75,10 @@ def gain_share(p: float, base: float, reference: float) -> float:
 
 def merge_rows(pipe, concept: Path, style: Path, holdout: int, references, classifier, out: Path):
     """Concept + style, alone and merged, on "a large/small sks digit, zwx style" (8 seeds each)."""
-    from ..diffusion.methods import load_adapters
-    from ..diffusion.pipeline import pipeline_name
-    from ..serialization import read_adapter_tensors
-    from .judges import fidelity
+    from atomtune.core.serialization import read_adapter_tensors
+    from atomtune.diffusion.adapters import load_adapters
+    from atomtune.diffusion.pipeline import pipeline_name
+    from atomtune.testbed.judges import fidelity
 
     prompts = [f"a {size} {cz.SUBJECT}, {cz.STYLE_TOKEN} style" for size in ("large", "small")]
     seeds = list(range(8))
@@ -118,7 +119,7 @@ def frontier_figure(selection: dict[str, list[dict[str, Any]]], path: Path) -> P
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..serialization import atomic_write
+    from atomtune.io import atomic_write
 
     fig = Figure(figsize=(10, 4.2))
     FigureCanvasAgg(fig)

@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 
-from ..diffusion.images import save_json, save_png, save_text
-from ..errors import AtomtuneError
-from ..progress import progress_bar
-from ..serialization import read_json
-from . import behaviour as bh
-from . import customize as cz
-from .judges import load_classifier
-from .pipeline import digit_pipeline
+from atomtune.errors import AtomtuneError
+from atomtune.io import check_same_settings, read_json, save_json, save_png, save_text
+from atomtune.progress import progress_bar
+from atomtune.testbed import behaviour as bh
+from atomtune.testbed import customize as cz
+from atomtune.testbed.digit_pipeline import digit_pipeline
+from atomtune.testbed.judges import load_classifier
 
 METHODS = ("atoms", "lora", "dora", "oft")
 CONTROLS = {"atoms-random": {"prune_by": "random"}, "atoms-dense": None}  # at atoms' kept rate
@@ -74,7 +73,7 @@ def run_bench(
     """Run (or resume) the benchmark; write bench.json, bench.md and figures under ``out_dir``."""
 
     out = Path(out_dir).expanduser()
-    prompts = cz.read_prompts(settings.prompts) if settings.prompts else cz.grid_prompts()
+    prompts = cz.read_digit_prompts(settings.prompts) if settings.prompts else cz.grid_prompts()
     chooser = cz.selection_prompts()
     pipe = digit_pipeline(weights)  # bad input fails here, before anything is written
     _check_settings(out, settings, [p.text for p in prompts], weights)
@@ -249,12 +248,7 @@ def _check_settings(out: Path, settings: BenchSettings, prompts: list[str], weig
     path = out / "bench_settings.json"
     current = json.loads(json.dumps({**asdict(settings), "prompt_texts": prompts, "weights": weights}))
     if path.is_file():
-        previous = read_json(path, "benchmark settings")
-        if previous != current:
-            changed = sorted(k for k in current if previous.get(k) != current[k])
-            raise AtomtuneError(
-                f"{out} holds a benchmark with other settings ({', '.join(changed)}); use a new --out"
-            )
+        check_same_settings(out, read_json(path, "benchmark settings"), current)
     else:
         save_json(current, path)
 
@@ -337,7 +331,7 @@ def _prior_text(s: dict[str, Any]) -> str:
 
 
 def parse_list(text: str, kind: type = float) -> tuple:
-    """``"1e-4, 3e-4"`` → ``(1e-4, 3e-4)``; integer lists go through ``diffusion.commands.int_list``."""
+    """``"1e-4, 3e-4"`` → ``(1e-4, 3e-4)``; integer lists go through ``cli.options.int_list``."""
     try:
         return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
     except ValueError as err:

@@ -16,11 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..diffusion.images import save_png
-from ..errors import AtomtuneError
-from .digits import COLORS, PLACES, SIZES, WORDS, Attributes, load_digits, render_batch, split_indices
-from .judges import alignment, fidelity, ink_mask, load_classifier
-from .pipeline import to_pil
+from atomtune.errors import AtomtuneError
+from atomtune.io import save_png
+from atomtune.testbed.digit_pipeline import to_pil
+from atomtune.testbed.digits import (
+    COLORS,
+    PLACES,
+    SIZES,
+    WORDS,
+    Attributes,
+    load_digits,
+    render_batch,
+    split_indices,
+)
+from atomtune.testbed.judges import alignment, fidelity, ink_mask, load_classifier
 
 TOKEN = "sks"
 SUBJECT = f"{TOKEN} digit"
@@ -57,7 +66,7 @@ def real_glyphs(digits: list[int], count: int, seed: int = 0) -> np.ndarray:
 def instance_images(digit: int, count: int = 5, seed: int = 0) -> torch.Tensor:
     """The concept's instance images, in [-1, 1]: real samples of ``digit``, each in its own color,
     place and size (as DreamBooth's photos show the subject in several settings)."""
-    from .digits import random_attributes
+    from atomtune.testbed.digits import random_attributes
 
     rng = np.random.default_rng([seed, 1])
     attrs = [random_attributes(digit, rng) for _ in range(count)]
@@ -97,9 +106,9 @@ def parse_prompt(text: str) -> Attributes | None:
     return Attributes(-1, color, size, place)
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
+def read_digit_prompts(path: str | Path) -> list[Prompt]:
     """One prompt per line; ``{}`` stands for the concept ("sks digit"). Blank lines and # skipped."""
-    from ..diffusion.data import read_prompts as read_lines
+    from atomtune.diffusion.data import read_prompts as read_lines
 
     texts = [ln.replace("{}", SUBJECT) for ln in read_lines(None, path)]
     if not texts:
@@ -112,7 +121,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
 def grid_prompts() -> list[Prompt]:
     """The 25 evaluation prompts: 5 colors x (4 small corners + large centre)."""
-    from .digits import prompt_grid
+    from atomtune.testbed.digits import prompt_grid
 
     return [Prompt(a.caption(SUBJECT), a) for a in prompt_grid(SUBJECT)]
 
@@ -154,7 +163,7 @@ def prior_prompts(holdout: int) -> list[tuple[str, int]]:
 
 def score_prior(pipe, holdout: int, seeds: list[int], classifier=None) -> float:
     """Prior preservation: the share of the other digits still drawn as themselves."""
-    from .judges import extract_glyph
+    from atomtune.testbed.judges import extract_glyph
 
     classifier = classifier or load_classifier()
     prompts = prior_prompts(holdout)
@@ -174,8 +183,8 @@ def prior_images(pipe, holdout: int, folder: str | Path, per_digit: int = 4, see
     """
     import json
 
-    from ..serialization import atomic_write
-    from .digits import random_attributes
+    from atomtune.io import atomic_write
+    from atomtune.testbed.digits import random_attributes
 
     folder = Path(folder)
     if (folder / "metadata.jsonl").is_file():
@@ -224,7 +233,7 @@ def train_adapter(
     atoms: dict | None = None,
 ):
     """One run of the project's trainer on the testbed pipeline; the adapter stays in ``pipe``."""
-    from ..diffusion.trainer import TrainSettings, train
+    from atomtune.workflows.train import TrainSettings, train
 
     settings = TrainSettings(
         instance_data=str(instance_dir),
@@ -251,7 +260,7 @@ def train_adapter(
 
 def sheet(images: torch.Tensor, prompts: int, seeds: int):
     """Prompts as rows (at most 25), seeds as columns, 3x enlarged."""
-    from ..diffusion.images import grid
+    from atomtune.diffusion.images import grid
 
     pil = to_pil(images)
     rows = [pil[i * seeds : (i + 1) * seeds] for i in range(min(prompts, 25))]

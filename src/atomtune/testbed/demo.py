@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..diffusion.images import grid, save_json, save_png, save_text
-from ..errors import AtomtuneError
-from . import customize as cz
-from .customize import RECIPE_BUDGET, RECIPE_LR
-from .judges import load_classifier
-from .pipeline import digit_pipeline, to_pil
+from atomtune.diffusion.images import grid
+from atomtune.errors import AtomtuneError
+from atomtune.io import save_json, save_png, save_text
+from atomtune.testbed import customize as cz
+from atomtune.testbed.customize import RECIPE_BUDGET, RECIPE_LR
+from atomtune.testbed.digit_pipeline import digit_pipeline, to_pil
+from atomtune.testbed.judges import load_classifier
 
 SWEEP_PROMPT = f"a large red {cz.SUBJECT}"
 
@@ -43,8 +44,8 @@ class DemoSettings:
 def run_demo(
     out_dir: str | Path, settings: DemoSettings | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    from ..diffusion.analysis import calibrate, heatmap, sweep
-    from ..diffusion.pipeline import spec_for
+    from atomtune.diffusion.spec import spec_for
+    from atomtune.workflows.analyze import calibrate, heatmap, sweep
 
     settings = settings or DemoSettings()
     began = time.perf_counter()

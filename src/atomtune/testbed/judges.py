@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AtomtuneError
-from .digits import (
+from atomtune.errors import AtomtuneError
+from atomtune.testbed.digits import (
     COLORS,
     LARGE,
     PLACES,
@@ -185,7 +185,7 @@ def train_and_save_judge(out: str | Path, epochs: int = 30, seed: int = 0) -> fl
     """Train the classifier, write its weights atomically to ``out``; return held-out accuracy."""
     from safetensors.torch import save_file
 
-    from ..serialization import atomic_write
+    from atomtune.io import atomic_write
 
     model, accuracy = train_classifier(epochs=epochs, seed=seed)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

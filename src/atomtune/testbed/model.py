@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AtomtuneError
-from .digits import CANVAS
-from .text import WIDTH
+from atomtune.errors import AtomtuneError
+from atomtune.testbed.digits import CANVAS
+from atomtune.testbed.text import WIDTH
 
 WEIGHTS = "digit_dit.safetensors"
 
@@ -79,12 +79,12 @@ def read_metadata(path: str | Path | None = None) -> tuple[Path, dict, dict]:
     return path, model, sched
 
 
-def load_transformer(path: str | Path | None = None):
+def load_digit_transformer(path: str | Path | None = None):
     """The pretrained testbed model: the shipped checkpoint, or a file written by ``pretrain``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..validation import check_tensor
+    from atomtune.validation import check_tensor
 
     path, config, _ = read_metadata(path)
     try:

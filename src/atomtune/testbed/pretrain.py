@@ -16,15 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
 
-from ..checkpoint import latest_checkpoint, load_training_state, save_training_state
-from ..errors import AtomtuneError
-from ..progress import progress_bar
-from ..serialization import atomic_write
-from ..validation import check_number, check_seed
-from .digits import all_captions, load_digits, random_attributes, render_batch, split_indices
-from .model import WEIGHTS, build_transformer, model_config, scheduler_config, training_scheduler
-from .text import CaptionEncoder
+from atomtune.checkpoint import latest_checkpoint, load_training_state, save_training_state
+from atomtune.errors import AtomtuneError
+from atomtune.io import atomic_write
+from atomtune.progress import progress_bar
+from atomtune.testbed.digits import all_captions, load_digits, random_attributes, render_batch, split_indices
+from atomtune.testbed.model import (
+    WEIGHTS,
+    build_transformer,
+    model_config,
+    scheduler_config,
+    training_scheduler,
+)
+from atomtune.testbed.text import CaptionEncoder
+from atomtune.validation import check_number, check_seed
 
 
 @dataclass
@@ -105,7 +112,7 @@ def pretrain(
     pool = train_idx[labels[train_idx] != settings.holdout_digit]
     config = model_config(settings.heads, settings.layers, settings.patch_size)
     model = build_transformer(settings.seed, config).to(device).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # what gets saved and shipped
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / settings.warmup))
     noise_scheduler = training_scheduler(settings.prediction_type)
@@ -119,8 +126,11 @@ def pretrain(
     if last is not None:
         tensors, start, _ = load_training_state(last, optimizer)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        ema_model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         schedule.last_epoch = start
+    # diffusers' EMA, its default warm-up min(ema, (1 + s) / (10 + s)): early steps forget the init
+    ema = EMAModel(ema_model.parameters(), decay=settings.ema, foreach=True)
+    ema.optimization_step = start
     began = time.perf_counter()
     bar = progress_bar(
         range(start, settings.steps),
@@ -153,23 +163,23 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        decay = min(settings.ema, (1 + step) / (10 + step))  # warm-up: early EMA forgets the init
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        ema.step(model.parameters())
         if step % 25 == 0:  # reading the loss waits for the GPU: not every step
             bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if done % settings.checkpoint_every == 0 or done == settings.steps:
+            ema.copy_to(ema_model.parameters())
             state = {f"model.{k}": v for k, v in model.state_dict().items()}
-            state.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+            state.update({f"ema.{k}": v for k, v in ema_model.state_dict().items()})
             save_training_state(out_dir / f"checkpoint-{done}", state, optimizer, done, asdict(settings))
-            save_weights(ema, out_dir, settings)  # usable weights even if the run stops here
+            save_weights(ema_model, out_dir, settings)  # usable weights even if the run stops here
             for old in out_dir.glob("checkpoint-*"):
                 if old.name != f"checkpoint-{done}":
                     import shutil
 
                     shutil.rmtree(old, ignore_errors=True)
-    weights = save_weights(ema, out_dir, settings)
+    ema.copy_to(ema_model.parameters())
+    weights = save_weights(ema_model, out_dir, settings)
     (out_dir / "pretrain_seconds.txt").write_text(f"{time.perf_counter() - began:.1f}\n")
     return weights
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AtomtuneError
+from atomtune.errors import AtomtuneError
 
 MAX_LENGTH = 16
 WIDTH = 384

@@ -1,0 +1,227 @@
+"""diffusers glue: find ``Attention`` modules and run them with atoms through an attention processor.
+
+The processor follows diffusers' ``AttnProcessor2_0`` step for step and changes one thing: the
+values and the atom coefficient channels go through one scaled-dot-product call
+(``functional.attention_with_atoms``), so the attention map is never materialised. Where the
+projections are plain ``nn.Linear`` layers and q, k are not normalised, on a GPU, the widened heads
+come out of the projections themselves (``functional.head_padded_linear``): no per-call pad or concat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from atomtune.core.functional import (
+    attention_padded,
+    attention_with_atoms,
+    head_padded_linear,
+    head_width,
+    merge_heads,
+    split_heads,
+)
+from atomtune.core.layer import AtomAttention, Atoms
+from atomtune.errors import AtomtuneError
+
+
+def attention_class() -> type[nn.Module] | None:
+    try:
+        from diffusers.models.attention_processor import Attention
+    except ImportError:  # diffusers is optional for linear mode
+        return None
+    return Attention
+
+
+def is_attention(module: nn.Module) -> bool:
+    cls = attention_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def is_cross_attention(attn: nn.Module) -> bool:
+    return bool(getattr(attn, "is_cross_attention", False))
+
+
+def attention_shape(attn: nn.Module, placement: str) -> tuple[int, int, int]:
+    """(context width, width of ΔO, heads) of a diffusers ``Attention`` for the given placement."""
+    if attn.to_out is None or not isinstance(attn.to_out[0], nn.Linear):
+        raise AtomtuneError("attention mode needs an Attention module with an output projection (to_out)")
+    if attn.to_v.out_features != attn.to_q.out_features:
+        raise AtomtuneError("attention mode does not support grouped key/value heads yet")
+    out = attn.to_out[0].in_features if placement == "pre_out" else attn.to_out[0].out_features
+    return attn.to_v.in_features, out, attn.heads
+
+
+def _supported_processor(processor: object) -> bool:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return type(processor) in (AttnProcessor, AttnProcessor2_0, AtomAttnProcessor)
+
+
+def attach(attn: nn.Module, layer: AtomAttention) -> None:
+    """Register ``layer`` as ``attn.atoms`` and route the module through ``AtomAttnProcessor``."""
+    if not _supported_processor(attn.processor):
+        raise AtomtuneError(
+            f"attention mode supports diffusers' default attention processor, "
+            f"found {type(attn.processor).__name__}"
+        )
+    attn.add_module("atoms", layer)
+    layer.original_processor = attn.processor
+    attn.set_processor(AtomAttnProcessor())
+
+
+def detach(attn: nn.Module) -> None:
+    layer = attn.atoms
+    attn.set_processor(layer.original_processor)
+    del attn.atoms
+
+
+class AtomAttnProcessor:
+    """``AttnProcessor2_0`` with the atom update ``ΔO`` added before or after the output projection."""
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        layer: AtomAttention = attn.atoms
+        atoms = layer.active
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, context_len, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+
+        if atoms is not None and pads_through_weights(attn, atoms, context):
+            out, mixed = _padded_attention(attn, layer, atoms, hidden_states, context, attention_mask)
+            delta = layer.update(atoms, mixed)
+        else:
+            query = split_heads(attn.to_q(hidden_states), attn.heads)
+            key = split_heads(attn.to_k(context), attn.heads)
+            value = split_heads(attn.to_v(context), attn.heads)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if atoms is None:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    query, key, value, attn_mask=attention_mask
+                )
+                delta = None
+            else:
+                channels = layer.channels(atoms, context)
+                out, mixed = attention_with_atoms(
+                    query, key, value, channels, attention_mask, fused=atoms.fused
+                )
+                delta = layer.update(atoms, mixed)
+        hidden_states = merge_heads(out).to(hidden_states.dtype)
+        placement = None if atoms is None else atoms.placement
+        if placement == "pre_out":
+            hidden_states = hidden_states + delta.to(hidden_states.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if placement == "post_out":
+            hidden_states = hidden_states + delta.to(hidden_states.dtype)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+# Devices where the widened heads come out of the projections. On a CPU the per-call pad and concat
+# are cheap copies and the extra weight rows cost arithmetic: interleaved on cpu-small, one thread,
+# the training step took 5-8% longer that way; on a GPU the copies are launches and memory traffic.
+PADDED_PROJECTION_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def pads_through_weights(attn: nn.Module, atoms: Atoms, context: torch.Tensor) -> bool:
+    """Whether the widened heads come out of the projections: a device that gains from it, plain
+    linear q, k, v (no PEFT layer, no hook), no q/k normalisation (it would see the padding), the
+    one-call path, and ``W_s`` in the context's precision or castable down to it (as
+    ``AtomAttention.channels``)."""
+    if context.device.type not in PADDED_PROJECTION_DEVICES:
+        return False
+    if not atoms.fused or attn.norm_q is not None or attn.norm_k is not None:
+        return False
+    if not all(_plain_linear(m) for m in (attn.to_q, attn.to_k, attn.to_v)):
+        return False
+    half = context.dtype in (torch.float16, torch.bfloat16)
+    return half or context.dtype == atoms.W_s.dtype
+
+
+def _padded_attention(
+    attn: nn.Module,
+    layer: AtomAttention,
+    atoms: Atoms,
+    hidden_states: torch.Tensor,
+    context: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and mixed coefficient channels with the widened heads built by the projections.
+
+    Training adds ``Xc·W_s`` into the value heads' zero slots (one small in-place add): stacking
+    ``W_s`` onto ``to_v``'s weight would make autograd compute the full stacked weight's gradient.
+    Without a gradient on ``W_s`` the channels come out of the value projection itself.
+    """
+    heads = attn.heads
+    d = attn.to_q.out_features // heads
+    m = atoms.num_atoms // heads
+    width = head_width(d, m)
+    query = head_padded_linear(hidden_states, attn.to_q.weight, attn.to_q.bias, heads, width)
+    key = head_padded_linear(context, attn.to_k.weight, attn.to_k.bias, heads, width)
+    to_v = attn.to_v
+    if torch.is_grad_enabled() and atoms.W_s.requires_grad:
+        value = head_padded_linear(context, to_v.weight, to_v.bias, heads, width)
+        value[..., d : d + m] += layer.channels(atoms, context).to(value.dtype)
+    else:
+        w_s = atoms.W_s.to(context.dtype)
+        value = head_padded_linear(context, to_v.weight, to_v.bias, heads, width, extra=w_s)
+    return attention_padded(query, key, value, d, m, attention_mask)
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> Callable[[], None]:
+    """Regional compilation: each of ``model.transformer_blocks`` through ``torch.compile``.
+
+    The blocks share one code path, so one compiled graph serves all of them: compile time is that of
+    one block, not of the whole model (PyTorch's regional-compilation recipe; diffusers'
+    ``compile_repeated_blocks`` does the same for models that declare their repeated blocks, which
+    PixArt does not). The atom processors run inside the compiled blocks, so shrinkage and decoding
+    are compiled with the attention around them. Returns a function that puts the eager blocks back.
+    """
+    blocks = getattr(model, "transformer_blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise AtomtuneError(
+            f"--compile needs a transformer with transformer_blocks; {type(model).__name__} has none"
+        )
+    eager = list(blocks)
+    for i, block in enumerate(eager):
+        blocks[i] = torch.compile(block, **compile_kwargs)
+
+    def restore() -> None:
+        for i, block in enumerate(eager):
+            blocks[i] = block
+
+    return restore

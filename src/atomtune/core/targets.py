@@ -1,0 +1,57 @@
+"""Which modules of a host model get atoms: ``AtomConfig``'s mode, attention side, names and layers.
+
+Its own module because both ``AtomModel`` (to inject) and the adapter format (to load into the same
+modules) need it, and the adapter format must not import the model handle.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from atomtune.core.config import AtomConfig
+from atomtune.core.hosts import diffusers as dx
+from atomtune.core.hosts.transformers import linear_shape
+from atomtune.errors import AtomtuneError
+
+_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """First integer component of a module name: ``transformer_blocks.3.attn1`` → 3."""
+    match = _INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _name_matches(name: str, target: str | list[str] | None) -> bool:
+    if target is None:
+        return True
+    if isinstance(target, str):
+        return re.search(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def find_targets(model: nn.Module, config: AtomConfig) -> list[tuple[str, nn.Module]]:
+    """The modules ``config`` selects, in model order; an error if it selects none."""
+    found = []
+    for name, module in model.named_modules():
+        if config.mode == "attention":
+            if not dx.is_attention(module):
+                continue
+            cross = dx.is_cross_attention(module)
+            if (config.attention == "self" and cross) or (config.attention == "cross" and not cross):
+                continue
+        elif linear_shape(module) is None:
+            continue
+        if not _name_matches(name, config.target_modules):
+            continue
+        if config.layers is not None and layer_index(name) not in config.layers:
+            continue
+        found.append((name, module))
+    if not found:
+        raise AtomtuneError(
+            f"no module of {type(model).__name__} matches this config (mode={config.mode}, "
+            f"attention={config.attention}, target_modules={config.target_modules!r}, layers={config.layers})"
+        )
+    return found
