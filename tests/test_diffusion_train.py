@@ -169,7 +169,7 @@ def test_pixart_alpha_with_size_conditioning_trains_and_generates(dog_images, tm
     """PixArt-α at 1024 (sample size 128) conditions on image size and aspect ratio: the spec passes them."""
     from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 
-    from atomtune.workflows.generate import generate
+    from atomtune.workflows.generate import GenerateSettings, generate
 
     sigma = tiny_pixart_pipeline()
     torch.manual_seed(0)
@@ -192,9 +192,10 @@ def test_pixart_alpha_with_size_conditioning_trains_and_generates(dog_images, tm
     result = train(settings, pipe=alpha, progress=False)
     assert all(math.isfinite(h["total"]) for h in result.history) and len(result.samples) == 1
     result.tuned.unload()
-    images = generate(
-        alpha, ["a sks dog"], tmp_path / "gen", [result.adapter_dir], steps=2, height=32, progress=False
+    settings = GenerateSettings(
+        ["a sks dog"], tmp_path / "gen", adapters=[result.adapter_dir], steps=2, height=32
     )
+    images = generate(settings, alpha, progress=False)
     from PIL import Image
 
     assert Image.open(images.images[0]).size == (32, 32)

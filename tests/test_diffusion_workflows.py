@@ -15,7 +15,7 @@ from atomtune.cli import main
 from atomtune.diffusion.methods import MethodConfig, apply_method
 from atomtune.diffusion.pipeline import tiny_pixart_pipeline
 from atomtune.tiny import tiny_pixart
-from atomtune.workflows.generate import generate
+from atomtune.workflows.generate import GenerateSettings, generate
 from diffusion_helpers import dreambooth_images, one_thread
 
 MODULES = [f"transformer_blocks.{b}.{a}" for b in (0, 1) for a in ("attn1", "attn2")]
@@ -93,7 +93,9 @@ def test_masks_and_gains_steer_the_generated_image(runs, tmp_path):
     adapter = runs / "dog" / "adapter"
 
     def image(name, **kwargs):
-        result = generate(pipe, ["a sks dog"], tmp_path / name, steps=2, progress=False, **kwargs)
+        result = generate(
+            GenerateSettings(["a sks dog"], tmp_path / name, steps=2, **kwargs), pipe, progress=False
+        )
         return _png(result.images[0])
 
     base = image("base")
@@ -131,14 +133,10 @@ def test_atoms_rankings_heatmap_and_sweep(runs, tmp_path, capsys):
         assert entry["tokens"] > 0
     assert _png(out / "heatmap.png").shape[0] > 100
     strip = [_png(out / "sweep" / f"k-{k:04d}.png") for k in (1, 2, 4, 8)]
-    full = generate(
-        tiny_pixart_pipeline(),
-        ["a sks dog"],
-        tmp_path / "full",
-        adapters=[runs / "dog" / "adapter"],
-        steps=2,
-        progress=False,
+    settings = GenerateSettings(
+        ["a sks dog"], tmp_path / "full", adapters=[runs / "dog" / "adapter"], steps=2
     )
+    full = generate(settings, tiny_pixart_pipeline(), progress=False)
     assert np.array_equal(strip[-1], _png(full.images[0]))  # all M atoms = the adapter as trained
     assert _diff(strip[0], strip[-1]) > 10
     assert _png(out / "sweep.png").shape[1] >= 4 * 32
@@ -165,7 +163,9 @@ def test_edit_trains_on_one_image_and_writes_the_tradeoff_grid(runs, tmp_path, c
     assert meta["columns"] == ["all 8", "k=4", "k=1", "base"]
     assert json.loads((out / "train" / "adapter" / "training.json").read_text())["steps"] == 3
     base = generate(
-        tiny_pixart_pipeline(), ["a photo of a dog wearing a hat"], tmp_path / "b", steps=2, progress=False
+        GenerateSettings(["a photo of a dog wearing a hat"], tmp_path / "b", steps=2),
+        tiny_pixart_pipeline(),
+        progress=False,
     )
     assert _diff(_png(out / "images" / "target01-base.png"), _png(base.images[0])) <= 3
     assert _diff(_png(out / "images" / "target01-all8.png"), _png(base.images[0])) > 10
@@ -205,9 +205,13 @@ def test_merge_reports_overlap_per_layer(runs, tmp_path, capsys, how):
     else:
         assert merged[key].shape[1] == 16  # both dictionaries, stacked
         pipe = tiny_pixart_pipeline()
-        one = generate(pipe, ["a sks dog"], tmp_path / "one", adapters=[out], steps=2, progress=False)
+        one = generate(
+            GenerateSettings(["a sks dog"], tmp_path / "one", adapters=[out], steps=2), pipe, progress=False
+        )
         both = generate(
-            pipe, ["a sks dog"], tmp_path / "two", adapters=[concept, style], steps=2, progress=False
+            GenerateSettings(["a sks dog"], tmp_path / "two", adapters=[concept, style], steps=2),
+            pipe,
+            progress=False,
         )
         assert np.array_equal(_png(one.images[0]), _png(both.images[0]))
 
@@ -329,12 +333,13 @@ def test_generate_compiled_equals_eager(runs, tmp_path):
     pipeline passed in gets its eager blocks back."""
     pipe = tiny_pixart_pipeline()
     blocks = list(pipe.transformer.transformer_blocks)
-    kwargs = dict(adapters=[runs / "dog" / "adapter"], top_k=4, steps=2, progress=False)
-    eager = generate(pipe, ["a sks dog"], tmp_path / "eager", **kwargs)
-    compiled = generate(pipe, ["a sks dog"], tmp_path / "compiled", compile=True, **kwargs)
+    kwargs = dict(adapters=[runs / "dog" / "adapter"], top_k=4, steps=2)
+    eager = generate(GenerateSettings(["a sks dog"], tmp_path / "eager", **kwargs), pipe, progress=False)
+    settings = GenerateSettings(["a sks dog"], tmp_path / "compiled", compile=True, **kwargs)
+    compiled = generate(settings, pipe, progress=False)
     torch._dynamo.reset()
     assert compiled.metadata["compiled"] and not eager.metadata["compiled"]
     assert _diff(_png(eager.images[0]), _png(compiled.images[0])) <= 3
-    base = generate(pipe, ["a sks dog"], tmp_path / "base", steps=2, progress=False)
+    base = generate(GenerateSettings(["a sks dog"], tmp_path / "base", steps=2), pipe, progress=False)
     assert _diff(_png(base.images[0]), _png(compiled.images[0])) > 10  # the adapter was active
     assert list(pipe.transformer.transformer_blocks) == blocks

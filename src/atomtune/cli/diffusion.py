@@ -25,14 +25,14 @@ from atomtune.validation import (
 
 def _generate(args: argparse.Namespace) -> None:
     from atomtune.diffusion.data import read_prompts
-    from atomtune.workflows.generate import generate
+    from atomtune.workflows.generate import GenerateSettings, generate
 
     prompts = read_prompts(args.prompt, args.prompts_file)
     height = args.height or args.resolution
-    result = generate(
-        args.pretrained,
+    settings = GenerateSettings(
         prompts,
         args.out,
+        pretrained=args.pretrained,
         adapters=args.adapter,
         num_images=args.num_images,
         seed=args.seed,
@@ -51,6 +51,7 @@ def _generate(args: argparse.Namespace) -> None:
         compile=args.compile,
         **loading_kwargs(args),
     )
+    result = generate(settings, progress=not args.quiet)
     print(
         f"wrote {len(result.images)} images, {result.grid}, images.json and manifest.json in {result.out_dir}"
     )
@@ -91,23 +92,24 @@ def _add_generate(sub) -> None:
 # -- atoms --------------------------------------------------------------------------------------
 def _atoms(args: argparse.Namespace) -> None:
     from atomtune.diffusion.data import read_prompts
-    from atomtune.workflows.analyze import analyze
+    from atomtune.workflows.analyze import AnalyzeSettings, analyze
 
-    result = analyze(
-        args.pretrained,
+    settings = AnalyzeSettings(
         args.adapter,
         args.out,
+        pretrained=args.pretrained,
         prompts=read_prompts(args.prompt, args.prompts_file),
         seeds=seed_list(args.seeds),
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         height=args.resolution,
         width=args.resolution,
-        do_sweep=args.sweep,
+        sweep=args.sweep,
         sweep_prompt=args.sweep_prompt,
         sweep_seed=args.sweep_seed,
         **loading_kwargs(args),
     )
+    result = analyze(settings, progress=not args.quiet)
     print(f"wrote {result.rankings} and {result.heatmap}")
     mean = result.sparsity["mean"]
     print(
@@ -156,6 +158,7 @@ def _edit(args: argparse.Namespace) -> None:
         steps=args.steps,
         guidance_scale=args.guidance_scale,
         mixed_precision=args.mixed_precision,
+        progress=not args.quiet,
         **kwargs,
     )
     print(f"trained on the image: adapter in {result.adapter_dir}")
@@ -197,6 +200,7 @@ def _merge(args: argparse.Namespace) -> None:
         seeds=seed_list(args.seeds),
         steps=args.steps,
         guidance_scale=args.guidance_scale,
+        progress=not args.quiet,
         **loading_kwargs(args),
     )
     print(result.table)

@@ -84,7 +84,6 @@ def loading_kwargs(args: argparse.Namespace) -> dict:
         "variant": args.variant,
         "device": args.device,
         "local_files_only": args.local_files_only,
-        "progress": not args.quiet,
     }
 
 

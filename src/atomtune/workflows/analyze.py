@@ -21,7 +21,7 @@ from atomtune.core.selection import top_k_masks
 from atomtune.core.stats import AtomStatistics
 from atomtune.diffusion.adapters import load_adapters, read_adapter_info
 from atomtune.diffusion.images import grid
-from atomtune.diffusion.pipeline import pipeline_name, resolve_pipe
+from atomtune.diffusion.pipeline import DEFAULT_PRETRAINED, pipeline_name, resolve_pipe
 from atomtune.diffusion.spec import PixArtSpec, spec_for
 from atomtune.diffusion.tuned import AtomTuned
 from atomtune.errors import AtomtuneError
@@ -143,33 +143,45 @@ def sweep(
     return ks, images
 
 
-def analyze(
-    pretrained,
-    adapter: str | Path,
-    out_dir: str | Path,
-    prompts: list[str] | None = None,
-    seeds: list[int] | None = None,
-    steps: int = 20,
-    guidance_scale: float = 4.5,
-    height: int | None = None,
-    width: int | None = None,
-    do_sweep: bool = False,
-    sweep_prompt: str | None = None,
-    sweep_seed: int | None = None,
-    dtype: str = "auto",
-    variant: str | None = None,
-    device: str | None = None,
-    local_files_only: bool = False,
-    progress: bool = True,
-) -> AnalysisResult:
-    """Calibrate an atoms adapter over prompts and timesteps; write rankings, heatmap and the sweep."""
+@dataclass
+class AnalyzeSettings:
+    """What ``atomtune atoms`` measures (its flags map one to one): an atoms adapter's importance over
+    prompts, seeds and the sampler's timesteps, and optionally the top-k sweep."""
+
+    adapter: str | Path
+    out_dir: str | Path
+    pretrained: str = DEFAULT_PRETRAINED
+    prompts: list[str] | None = None  # default: the adapter's instance prompt
+    seeds: list[int] | None = None  # default: [0]
+    steps: int = 20
+    guidance_scale: float = 4.5
+    height: int | None = None
+    width: int | None = None
+    sweep: bool = False
+    sweep_prompt: str | None = None
+    sweep_seed: int | None = None
+    dtype: str = "auto"
+    variant: str | None = None
+    device: str | None = None
+    local_files_only: bool = False
+
+
+def analyze(settings: AnalyzeSettings, pipe=None, progress: bool = True) -> AnalysisResult:
+    """Calibrate an atoms adapter over prompts and timesteps; write rankings, heatmap and the sweep.
+
+    ``pipe``: a loaded pipeline to use (it comes back unchanged), else ``settings.pretrained`` is loaded.
+    """
+    s = settings
+    adapter, out_dir, steps, guidance_scale, height, width = (
+        s.adapter, s.out_dir, s.steps, s.guidance_scale, s.height, s.width
+    )  # fmt: skip
     check_output_not_input(out_dir, (adapter,))
     info = read_adapter_info(adapter)
     if info["method"] != "atoms":
         raise AtomtuneError(f"atom analysis needs an atoms adapter; {adapter} is {info['method']}")
-    prompts = list(prompts or []) or _training_prompts(adapter)
-    seeds = list(seeds) if seeds else [0]
-    pipe = resolve_pipe(pretrained, dtype, variant, device, local_files_only)
+    prompts = list(s.prompts or []) or _training_prompts(adapter)
+    seeds = list(s.seeds) if s.seeds else [0]
+    pipe = resolve_pipe(pipe or s.pretrained, s.dtype, s.variant, s.device, s.local_files_only)
     spec = spec_for(pipe)
     height = height or spec.native_resolution
     width = width or height
@@ -202,9 +214,9 @@ def analyze(
             f"atom contribution: {'/'.join(Path(adapter).resolve().parts[-2:])}",
         )
         result = AnalysisResult(out, rankings, heat, contribution, document["sparsity"])
-        if do_sweep:
-            prompt = sweep_prompt or prompts[0]
-            seed = seeds[0] if sweep_seed is None else sweep_seed
+        if s.sweep:
+            prompt = s.sweep_prompt or prompts[0]
+            seed = seeds[0] if s.sweep_seed is None else s.sweep_seed
             ks, images = sweep(
                 spec,
                 tuned,

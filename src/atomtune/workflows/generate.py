@@ -19,7 +19,7 @@ from atomtune.core.merge import MERGES
 from atomtune.core.selection import top_k_masks
 from atomtune.diffusion.adapters import load_adapters
 from atomtune.diffusion.images import grid
-from atomtune.diffusion.pipeline import pipeline_name, resolve_pipe
+from atomtune.diffusion.pipeline import DEFAULT_PRETRAINED, pipeline_name, resolve_pipe
 from atomtune.diffusion.spec import PixArtSpec, spec_for
 from atomtune.diffusion.tuned import AtomTuned, Tuned
 from atomtune.errors import AtomtuneError
@@ -177,50 +177,61 @@ def render(
     return rows
 
 
-def generate(
-    pretrained,
-    prompts: list[str],
-    out_dir: str | Path,
-    adapters: list[str | Path] | None = None,
-    num_images: int = 1,
-    seed: int = 0,
-    seeds: list[int] | None = None,
-    steps: int = 20,
-    guidance_scale: float = 4.5,
-    height: int | None = None,
-    width: int | None = None,
-    masks: str | Path | dict | None = None,
-    top_k: int | None = None,
-    rankings: str | Path | dict | None = None,
-    gains: list[str] | dict | None = None,
-    combine: str = "concat",
-    subject: str | None = None,
-    token: str = "sks",
-    dtype: str = "auto",
-    variant: str | None = None,
-    device: str | None = None,
-    local_files_only: bool = False,
-    progress: bool = True,
-    compile: bool = False,
-) -> GenerateResult:
+@dataclass
+class GenerateSettings:
+    """What ``atomtune generate`` draws (its flags map one to one): prompts x seeds, with adapters and
+    the atoms' steering (masks, top-k, gains), from a pipeline loaded by name unless one is given."""
+
+    prompts: list[str]
+    out_dir: str | Path
+    pretrained: str = DEFAULT_PRETRAINED
+    adapters: list[str | Path] | None = None
+    num_images: int = 1
+    seed: int = 0
+    seeds: list[int] | None = None  # explicit seeds; default: seed, seed + 1, ... (num_images of them)
+    steps: int = 20
+    guidance_scale: float = 4.5
+    height: int | None = None
+    width: int | None = None
+    masks: str | Path | dict | None = None
+    top_k: int | None = None
+    rankings: str | Path | dict | None = None
+    gains: list[str] | dict | None = None
+    combine: str = "concat"
+    subject: str | None = None  # the manifest's subject (default: the output folder's name)
+    token: str = "sks"
+    dtype: str = "auto"
+    variant: str | None = None
+    device: str | None = None
+    local_files_only: bool = False
+    compile: bool = False
+
+
+def generate(settings: GenerateSettings, pipe=None, progress: bool = True) -> GenerateResult:
     """Generate ``num_images`` per prompt (seeds ``seed, seed+1, ...`` unless ``seeds``), write a grid.
 
+    ``pipe``: a loaded pipeline to use (it comes back unchanged), else ``settings.pretrained`` is loaded.
     Besides ``images.json`` the folder gets the ``manifest.json`` that ``atomtune eval`` reads:
     ``subject`` (default: the output folder's name) and the unique ``token`` to strip from prompts.
     ``compile`` runs the transformer's blocks through ``torch.compile`` (regional compilation, adapters
     and steering included): the first image pays the compile time, the rest run faster.
     """
+    s = settings
+    prompts, out_dir, adapters, combine, top_k, rankings = (
+        s.prompts, s.out_dir, s.adapters, s.combine, s.top_k, s.rankings
+    )  # fmt: skip
+    steps, guidance_scale, height, width = s.steps, s.guidance_scale, s.height, s.width
     if not prompts:
         raise AtomtuneError("no prompt given (--prompt or --prompts-file)")
     check_output_not_input(out_dir, adapters or [])
-    if num_images < 1:
-        raise AtomtuneError(f"num-images must be >= 1, got {num_images}")
+    if s.num_images < 1:
+        raise AtomtuneError(f"num-images must be >= 1, got {s.num_images}")
     if combine not in MERGES:
         raise AtomtuneError(f"combine must be one of {', '.join(MERGES)}; got {combine!r}")
-    seeds = list(seeds) if seeds else [seed + i for i in range(num_images)]
-    gains = parse_gains(gains)
-    mask_values = read_masks(masks)
-    pipe = resolve_pipe(pretrained, dtype, variant, device, local_files_only)
+    seeds = list(s.seeds) if s.seeds else [s.seed + i for i in range(s.num_images)]
+    gains = parse_gains(s.gains)
+    mask_values = read_masks(s.masks)
+    pipe = resolve_pipe(pipe or s.pretrained, s.dtype, s.variant, s.device, s.local_files_only)
     spec = spec_for(pipe)
     height = height or spec.native_resolution
     width = width or height
@@ -233,7 +244,7 @@ def generate(
     restore = None
     try:
         steering = apply_steering(tuned, mask_values, gains, top_k, rankings) if tuned else {}
-        if compile:
+        if s.compile:
             restore = compile_blocks(pipe.transformer)
         rows = render(spec, prompts, seeds, steps, guidance_scale, height, width, progress)
     finally:
@@ -246,10 +257,12 @@ def generate(
     method = tuned.method if tuned is not None else "base"
     adapter = ",".join(str(a) for a in adapters) if adapters else None
     for i, row in enumerate(rows):
-        for s, image in zip(seeds, row, strict=True):
-            files.append(save_png(image, out / f"p{i:02d}-s{s}.png"))
-            records.append(ImageRecord(files[-1].name, subject or out.name, prompts[i], s, method, adapter))
-    grid_path = save_png(grid(rows, [f"seed {s}" for s in seeds]), out / "grid.png")
+        for seed, image in zip(seeds, row, strict=True):
+            files.append(save_png(image, out / f"p{i:02d}-s{seed}.png"))
+            records.append(
+                ImageRecord(files[-1].name, s.subject or out.name, prompts[i], seed, method, adapter)
+            )
+    grid_path = save_png(grid(rows, [f"seed {seed}" for seed in seeds]), out / "grid.png")
     metadata = {
         "base_model": pipeline_name(pipe),
         "adapters": [str(a) for a in adapters or []],
@@ -260,10 +273,10 @@ def generate(
         "guidance_scale": guidance_scale,
         "size": [height, width],
         "steering": steering,
-        "compiled": compile,
+        "compiled": s.compile,
         "images": [p.name for p in files],
         "grid": grid_path.name,
     }
     save_json(metadata, out / "images.json")
-    write_manifest(out, records, {"unique_token": token, "base_model": metadata["base_model"]})
+    write_manifest(out, records, {"unique_token": s.token, "base_model": metadata["base_model"]})
     return GenerateResult(out, files, grid_path, prompts, seeds, metadata)
