@@ -276,7 +276,7 @@ def _readme_commands() -> list[list[str]]:
     import shlex
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Diffusion workflows", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```console\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
     return [shlex.split(line[2:]) for line in block.splitlines() if line.startswith("$ atomtune ")]

@@ -26,7 +26,7 @@ from atomtune.workflows.manifest import (
     write_manifest,
 )
 
-REAL_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth" / "dataset"
+REAL_DATASET = Path(__file__).resolve().parents[3] / "shared" / "data" / "dreambooth" / "dataset"
 
 MINI_PROMPTS = """Classes
 
