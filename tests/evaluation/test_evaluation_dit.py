@@ -7,6 +7,7 @@ import subprocess
 from functools import partial
 
 import pytest
+from test_evaluation import make_dataset
 
 from atomtune.errors import AtomtuneError
 from atomtune.evaluation import dit
@@ -14,7 +15,6 @@ from atomtune.evaluation.prompts import load_dreambooth
 from atomtune.evaluation.runner import make_jobs, run_benchmark
 from atomtune.evaluation.tiny import tiny_evaluator
 from atomtune.workflows.manifest import read_manifest
-from test_evaluation import make_dataset
 
 TRAIN = {"max_steps": 2, "num_atoms": 8}
 GENERATE = {"steps": 1}

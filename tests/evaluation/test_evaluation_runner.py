@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from test_evaluation import make_dataset, make_generations
 
 import atomtune.core.serialization
 from atomtune.cli import main
 from atomtune.errors import AtomtuneError
 from atomtune.evaluation.runner import BenchmarkJob, run_benchmark, synthetic_train_and_generate
 from atomtune.evaluation.tiny import tiny_evaluator
-from test_evaluation import make_dataset, make_generations
 
 
 class Counting:

@@ -74,3 +74,35 @@ def test_testbed_cli_rejects_bad_settings(capsys):
     assert main(["testbed", "pretrain", "--out", "unused", "--steps", "0"]) == 2
     assert "steps must be a positive integer" in capsys.readouterr().err
     assert main(["testbed", "pretrain", "--out", "unused", "--holdout-digit", "12"]) == 2
+
+
+def test_a_concept_taught_through_a_few_atoms_is_measured_as_carried_by_few(weights, tmp_path):
+    """The atom budget on the testbed: 12 atoms per module cut to 2 while training. Sampling the
+    concept afterwards, the statistics (what ``atomtune atoms`` reports) find 2 live atoms carrying
+    all of each module's contribution; the same run without a cut spreads over more atoms."""
+    from atomtune.testbed import customize as cz
+    from atomtune.workflows.analyze import calibrate
+
+    images, labels = load_digits()
+    folder = tmp_path / "nines"
+    folder.mkdir()
+    for i, idx in enumerate(np.flatnonzero(labels == 9)[:4]):
+        x = (render(images[idx], Attributes(9, "white", "large", "in the center")) + 1) / 2
+        Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(folder / f"{i}.png")
+
+    def sparsity(budget: int) -> dict:
+        pipe = digit_pipeline(weights)
+        settings = TrainSettings.build(
+            instance_data=str(folder), instance_prompt="a sks digit", output_dir=str(tmp_path / f"b{budget}"),
+            pretrained="digits", num_atoms=12, atom_budget=budget, max_steps=8, optimizer="adamw",
+            learning_rate=1e-2, seed=0,
+        )  # fmt: skip
+        tuned = train(settings, pipe=pipe, progress=False).tuned
+        stats, _ = calibrate(spec_for(pipe), tuned, ["a sks digit"], [0], 3, cz.GUIDANCE, 24, 24)
+        measured = stats.sparsity()["mean"]
+        tuned.unload()
+        return measured
+
+    few, dense = sparsity(2), sparsity(0)
+    assert few["live_atoms"] == 2 and few["atoms_for_share"] <= 2
+    assert dense["live_atoms"] == 12 and dense["atoms_for_share"] > few["atoms_for_share"]
