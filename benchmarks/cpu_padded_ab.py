@@ -14,8 +14,10 @@ import time
 
 import torch
 
-from atomtune.benchmark import apply_method, build_transformer, make_inputs, training_step
 from atomtune.core.hosts import diffusers as dx
+from atomtune.speed.adapt import apply_method
+from atomtune.speed.measure import training_step
+from atomtune.speed.models import build_transformer, make_inputs
 
 
 def main() -> None:
@@ -27,8 +29,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = build_transformer("cpu-small", "cpu", torch.float32)
     inputs = make_inputs("cpu-small", 1, "cpu", torch.float32)
-    handle, _ = apply_method(model, "atoms", args.atoms)
-    step = training_step(model, handle, inputs)
+    tuned = apply_method(model, "atoms", args.atoms)
+    step = training_step(model, tuned, inputs)
 
     @torch.no_grad()
     def infer() -> None:

@@ -47,7 +47,7 @@ timeout "${limits[0]}" "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py 
 
 echo "== 2/2 profile, eager table, compiled inference, memory against resolution"
 start=$(date +%s)
-timeout "${limits[1]}" "$py" -m atomtune.benchmark "${bench[@]}" \
+timeout "${limits[1]}" "$py" -m atomtune.speed "${bench[@]}" \
     --methods bare,atoms,atoms_padcat,lora,dora,oft --atoms parity,256 --compile bare,lora,atoms \
     --profile --out "$dest" 2>&1 | tee "$dest/benchmark.log"
 status=${PIPESTATUS[0]}

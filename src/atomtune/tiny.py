@@ -1,31 +1,48 @@
-"""Tiny models built from configs in-process: for the self-check, the tests and quick experiments.
+"""Models built from configs in-process: for the self-check, the tests and quick experiments.
 
-No download, a second to build. The PixArt one is the real ``PixArtTransformer2DModel`` class with
-small sizes, so everything that works here runs the same code path as PixArt-α/Σ.
+No download, a second to build. The PixArt ones are the real ``PixArtTransformer2DModel`` class with
+small sizes, so everything that works here runs the same code path as PixArt-α/Σ. Every PixArt
+transformer atomtune builds from a config (this tiny one, the testbed's digit model, the speed
+benchmark's PixArt-Σ-sized ones) is built by ``pixart_from_config``, so a seed means the same
+weights everywhere.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any
+
 import torch
+
+
+def pixart_from_config(config: dict[str, Any], seed: int = 0, device: str | torch.device | None = None):
+    """``PixArtTransformer2DModel(**config)`` with random weights drawn after ``torch.manual_seed(seed)``.
+
+    ``device`` initialises the weights in place there (a 600 M model builds in seconds on a GPU
+    instead of minutes on the CPU; ``"meta"`` gives the shapes only); ``None`` builds on the CPU.
+    """
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device) if device is not None else nullcontext():
+        return PixArtTransformer2DModel(**config)
 
 
 def tiny_pixart(seed: int = 0, heads: int = 2, head_dim: int = 8, layers: int = 2, sample_size: int = 8):
     """A small ``PixArtTransformer2DModel`` (self- and cross-attention in every block)."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        in_channels=4,
-        out_channels=8,
-        num_layers=layers,
-        cross_attention_dim=heads * head_dim,
-        sample_size=sample_size,
-        patch_size=2,
-        caption_channels=12,
-        norm_num_groups=1,
-    ).eval()
+    config = {
+        "num_attention_heads": heads,
+        "attention_head_dim": head_dim,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": layers,
+        "cross_attention_dim": heads * head_dim,
+        "sample_size": sample_size,
+        "patch_size": 2,
+        "caption_channels": 12,
+        "norm_num_groups": 1,
+    }
+    return pixart_from_config(config, seed).eval()
 
 
 def tiny_pixart_inputs(batch: int = 2, seed: int = 1, sample_size: int = 8, text_len: int = 5) -> dict:

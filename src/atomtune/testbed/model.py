@@ -12,8 +12,6 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from atomtune.errors import AtomtuneError
 from atomtune.testbed.digits import CANVAS
 from atomtune.testbed.text import WIDTH
@@ -50,10 +48,10 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict:
 
 
 def build_transformer(seed: int = 0, config: dict | None = None):
-    from diffusers import PixArtTransformer2DModel
+    """The testbed model with random weights (``config``: ``model_config()``'s by default)."""
+    from atomtune.tiny import pixart_from_config
 
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(**(config or model_config()))
+    return pixart_from_config(config or model_config(), seed)
 
 
 def shipped_weights() -> Path:

@@ -3,14 +3,16 @@ measures, how it relates rows and how it fails."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
 import pytest
 import torch
 
-from atomtune import benchmark
-from atomtune.benchmark import main
+from atomtune.diffusion.methods import MethodConfig
+from atomtune.speed import adapt, models, runner
+from atomtune.speed.cli import main
 
 
 def _cheap(tmp_path, *extra):
@@ -68,7 +70,7 @@ def test_bare_is_always_the_reference_and_atoms_run_at_several_counts(tmp_path):
     main([*argv, "--compile", "atoms", "--memory-resolutions", "64"])
     report = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["label"]: r for r in report["results"]}
-    parity = benchmark.parity_atoms(benchmark.build_transformer("cpu-tiny", "cpu", torch.float32))
+    parity = models.parity_atoms(models.build_transformer("cpu-tiny", "cpu", torch.float32))
     assert list(rows) == ["bare", f"atoms {parity}", "atoms 32", "lora"]
     assert "nan" not in (tmp_path / "speed.md").read_text()
     assert rows[f"atoms {parity}"]["inference_compiled_ms"] > 0  # compiled: atoms at the first count
@@ -81,16 +83,15 @@ def test_bare_is_always_the_reference_and_atoms_run_at_several_counts(tmp_path):
 
 @pytest.mark.parametrize("preset", ["cpu-tiny", "cpu-small"])
 def test_parity_is_the_atom_count_nearest_lora_r16(preset):
-    model = benchmark.build_transformer(preset, "cpu", torch.float32)
-    heads = benchmark.PRESETS[preset]["heads"]
-    lora = benchmark.lora_params(model)
+    model = models.build_transformer(preset, "cpu", torch.float32)
+    heads = model.config.num_attention_heads
+    lora = models.lora_params(model)
 
     def atom_params(n):
-        m = benchmark.build_transformer(preset, "cpu", torch.float32)
-        handle, _ = benchmark.apply_method(m, "atoms", n)
-        return handle.num_trainable_parameters()
+        m = models.build_transformer(preset, "cpu", torch.float32)
+        return adapt.apply_method(m, "atoms", n).num_trainable_parameters()
 
-    n = benchmark.parity_atoms(model)
+    n = models.parity_atoms(model)
     assert n % heads == 0
     gap = abs(atom_params(n) - lora)
     assert gap <= abs(atom_params(n + heads) - lora) and gap <= abs(atom_params(n - heads) - lora)
@@ -98,16 +99,16 @@ def test_parity_is_the_atom_count_nearest_lora_r16(preset):
 
 def test_host_is_cast_without_diffusers_warning_and_adapters_train_in_float32(caplog):
     with caplog.at_level(logging.WARNING):
-        model = benchmark.build_transformer("cpu-tiny", "cpu", torch.bfloat16)
+        model = models.build_transformer("cpu-tiny", "cpu", torch.bfloat16)
     assert "kept in float32" not in caplog.text
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    benchmark.apply_method(model, "lora", 0)
+    adapt.apply_method(model, "lora", 0)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
 def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
-    measure = benchmark.measure
+    measure = runner.measure
     calls = []
 
     def fail_on_third(*args, **kwargs):
@@ -116,12 +117,32 @@ def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
             raise RuntimeError("out of memory")
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(benchmark, "measure", fail_on_third)
+    monkeypatch.setattr(runner, "measure", fail_on_third)
     with pytest.raises(RuntimeError):
         main(_cheap(tmp_path, "--methods", "atoms,lora,oft", "--atoms", "8"))
     report = json.loads((tmp_path / "speed.json").read_text())
     assert [r["label"] for r in report["results"]] == ["bare", "atoms 8"]
     assert "| atoms 8 |" in (tmp_path / "speed.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "oft"])
+def test_baselines_measured_are_the_ones_trained(method):
+    """The speed rows put PEFT's adapters on with the trainer's settings, not a copy of them."""
+    model = models.build_transformer("cpu-tiny", "cpu", torch.float32)
+    adapt.apply_method(model, method, 0)
+    trained = MethodConfig(method).peft_config().to_dict()
+    measured = model.peft_config["default"].to_dict()
+    assert measured == trained
+    assert measured["r"] == (4 if method == "oft" else 16)
+
+
+def test_atom_variants_differ_only_in_the_attention_path():
+    configs = {
+        m: adapt.method_config(m, 8).atom_config() for m in ("atoms", "atoms_padcat", "atoms_separate")
+    }
+    assert configs["atoms"] == configs["atoms_padcat"] and configs["atoms"].fused
+    assert configs["atoms_separate"] == dataclasses.replace(configs["atoms"], fused=False)
+    assert configs["atoms"].atom_budget is None and configs["atoms"].num_atoms == 8
 
 
 @pytest.mark.parametrize(

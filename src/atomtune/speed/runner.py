@@ -1,0 +1,118 @@
+"""A whole speed run: every phase in turn, the report rewritten after each measurement.
+
+Phases: an optional profile first (so a run cut short still has it), the eager table (the bare
+model first: the reference of every "vs bare" ratio), compiled inference, then peak training memory
+at other resolutions. Every option is checked before the first measurement, which can take minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atomtune.errors import AtomtuneError
+from atomtune.speed.adapt import attention_path
+from atomtune.speed.measure import measure, measure_compiled, measure_memory, profile
+from atomtune.speed.models import resolve_atoms
+from atomtune.speed.report import write_report
+from atomtune.speed.settings import LATENT_SCALE, METHODS, PRESETS, check_memory_resolutions, method_specs
+
+
+def run(
+    preset: str = "cpu-tiny",
+    batch: int = 1,
+    device: str = "cpu",
+    dtype: str = "float32",
+    methods: tuple[str, ...] = METHODS,
+    atoms: tuple[str | int, ...] = (256,),
+    warmup: int = 2,
+    repeats: int = 5,
+    prune_to: int = 32,
+    compiled: tuple[str, ...] = (),
+    memory_resolutions: tuple[int, ...] = (),
+    out: Path | None = None,
+    profile_first: bool = False,
+) -> dict[str, Any]:
+    """Every phase in turn; with ``out`` the report is rewritten after each measurement."""
+    torch_dtype = getattr(torch, dtype)
+    if profile_first and out is None:
+        raise AtomtuneError("--profile writes into the --out folder: give --out")
+    counts = resolve_atoms(atoms, preset)
+    specs = method_specs(methods, counts)
+    for m in compiled:
+        if m not in ("bare", *methods):
+            raise AtomtuneError(f"--compile {m}: not among the measured methods")
+    check_memory_resolutions(memory_resolutions)
+    timing = {"warmup": warmup, "repeats": repeats, "prune_to": prune_to}
+    settings = {"preset": preset, **PRESETS[preset], "batch": batch, "device": device, "dtype": dtype}
+    settings.update(atoms=list(counts), warmup=warmup, repeats=repeats, optimizer="AdamW")
+    settings.update(compiled=list(compiled), memory_resolutions=list(memory_resolutions))
+    settings["resolution"] = PRESETS[preset]["sample"] * LATENT_SCALE
+    report: dict[str, Any] = {"settings": settings, "environment": _environment(device), "results": []}
+    report["memory"] = []
+
+    def save() -> None:
+        if out is not None:
+            write_report(report, out)
+
+    if profile_first and out is not None:  # before the long phases: a run cut short still has it
+        atom_specs = [sp for sp in specs if sp["method"] == "atoms"] or specs
+        report["profile"] = profile(atom_specs[0], preset, batch, device, torch_dtype, out).name
+    for spec in specs:
+        with attention_path(spec["method"]):
+            report["results"].append(measure(spec, preset, batch, device, torch_dtype, timing))
+        relate(report)
+        save()
+    for spec in specs:  # atoms compiled at the first --atoms size only: compiling costs minutes
+        if spec["method"] in compiled and spec.get("num_atoms") in (None, counts[0]):
+            row = next(r for r in report["results"] if r["label"] == spec["label"])
+            with attention_path(spec["method"]):
+                row.update(measure_compiled(spec, preset, batch, device, torch_dtype, timing))
+            relate(report)
+            save()
+    memory_specs = [s for s in specs if s["method"] in ("bare", "lora", "atoms")]
+    memory_specs = [s for s in memory_specs if s.get("num_atoms") in (None, counts[0])]
+    for resolution in memory_resolutions:
+        for spec in memory_specs:
+            report["memory"].append(measure_memory(spec, preset, batch, device, torch_dtype, resolution))
+            save()
+    return report
+
+
+def relate(report: dict[str, Any]) -> None:
+    """Fill the "vs bare" ratios (the bare row is measured first)."""
+    rows = report["results"]
+    bare = rows[0]
+    for r in rows:
+        r["inference_vs_bare"] = r["inference_ms"] / bare["inference_ms"]
+        if "inference_pruned_ms" in r:
+            r["inference_pruned_vs_bare"] = r["inference_pruned_ms"] / bare["inference_ms"]
+        if "inference_compiled_ms" in r and "inference_compiled_ms" in bare:
+            r["inference_compiled_vs_bare"] = r["inference_compiled_ms"] / bare["inference_compiled_ms"]
+
+
+def _environment(device: str) -> dict[str, str]:
+    import diffusers
+
+    env = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "device_name": _device_name(device),
+    }
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return env
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    import platform
+
+    return platform.processor() or platform.machine()
