@@ -29,13 +29,22 @@ Listener = Callable[["AtomLayer", torch.Tensor], None]
 class Atoms(nn.Module):
     """One adapter's feature dictionary for one module."""
 
-    def __init__(self, in_features: int, out_features: int, num_atoms: int, config: AtomConfig) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_atoms: int,
+        config: AtomConfig,
+        fan_in: int | None = None,
+    ) -> None:
+        """``fan_in``: inputs each token is encoded from, for ``W_s``'s initial scale (fewer than
+        ``in_features`` when ``W_s`` stacks one block per stream)."""
         super().__init__()
         self.shrinkage = config.shrinkage
         self.topk = config.topk
         self.placement = config.placement
         self.fused = config.fused
-        std = config.init_scale / math.sqrt(in_features)
+        std = config.init_scale / math.sqrt(fan_in or in_features)
         self.W_s = nn.Parameter(torch.randn(in_features, num_atoms) * std)
         self.D = nn.Parameter(torch.zeros(num_atoms, out_features))
         self.lam = nn.Parameter(torch.full((num_atoms,), float(config.lambda_init)))
@@ -81,6 +90,7 @@ class AtomLayer(nn.Module):
     def __init__(self, in_features: int, heads: int = 1) -> None:
         super().__init__()
         self.in_features = in_features
+        self.fan_in = in_features
         self.heads = heads
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
@@ -106,7 +116,7 @@ class AtomLayer(nn.Module):
                 f"(atoms are split evenly over the heads)"
             )
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        atoms = Atoms(self.in_features, out_features, num_atoms, config).to(like.device, dtype)
+        atoms = Atoms(self.in_features, out_features, num_atoms, config, self.fan_in).to(like.device, dtype)
         self.adapters[name] = atoms
         return atoms
 
@@ -157,16 +167,18 @@ class AtomAttention(AtomLayer):
 
     kind = "attention"
 
-    def channels(self, atoms: Atoms, context: torch.Tensor) -> torch.Tensor:
+    def channels(self, atoms: Atoms, context: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """``Xc·W_s`` split over heads: (B, L, C) → (B, H, L, M/H).
 
         On a half-precision host the small ``W_s`` is cast down rather than the large context up:
-        the channels ride with the values in the host's attention call anyway.
+        the channels ride with the values in the host's attention call anyway. ``rows``: the block
+        of ``W_s`` this context is encoded with (a per-stream encoder in joint attention).
         """
+        w_s = atoms.W_s if rows is None else atoms.W_s[rows]
         if context.dtype in (torch.float16, torch.bfloat16):
-            c = context @ atoms.W_s.to(context.dtype)
+            c = context @ w_s.to(context.dtype)
         else:
-            c = context.to(atoms.W_s.dtype) @ atoms.W_s
+            c = context.to(w_s.dtype) @ w_s
         b, n, m = c.shape
         return c.view(b, n, self.heads, m // self.heads).transpose(1, 2)
 

@@ -203,7 +203,7 @@ def _check_module(name: str, saved: dict, module: torch.nn.Module, config: AtomC
     from atomtune.core.hosts.transformers import linear_shape
 
     if config.mode == "attention":
-        in_features, out_features, heads = dx.attention_shape(module, config.placement)
+        in_features, out_features, heads = dx.attention_shape(module, config.placement, config.joint_encoder)
         kind = AtomAttention.kind
     else:
         (in_features, out_features), heads, kind = linear_shape(module), 1, "linear"
