@@ -129,7 +129,7 @@ def naive_delta_and_values(q, k, v, c, atoms, bias=None, kernel=None):
     """Per head, materialise A_h (softmax(q kᵀ/√d + bias), or ``kernel(q_h, k_h)``), then
     ``Σ_h`` columns: values ``A_h v_h`` and ``ΔO = σ_λ(concat_h A_h c_h)·diag(mask·gain)·D``."""
     heads = q.shape[1]
-    m = c.shape[-1] // heads
+    m = -(-c.shape[-1] // heads)  # atom j belongs to head j // ceil(M/H)
     values, coeffs = [], []
     for h in range(heads):
         if kernel is None:

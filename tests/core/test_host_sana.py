@@ -26,10 +26,11 @@ def heads(x, h):
     return x.view(x.shape[0], x.shape[1], h, -1).transpose(1, 2)
 
 
+@pytest.mark.parametrize("num_atoms", [6, 5])  # 5 atoms over 2 heads: an uneven split (3 + 2)
 @pytest.mark.parametrize("which", ["attn1", "attn2"])
-def test_sana_module_matches_naive_reference(which):
+def test_sana_module_matches_naive_reference(which, num_atoms):
     model = tiny_sana()
-    atoms = AtomModel(model, AtomConfig(num_atoms=6))
+    atoms = AtomModel(model, AtomConfig(num_atoms=num_atoms))
     trained_looking(atoms)
     attn = model.transformer_blocks[0].get_submodule(which)
     a = atoms.atoms()[f"transformer_blocks.0.{which}"]
@@ -90,3 +91,20 @@ def test_sana_round_trip_masks_prune_and_swap(tmp_path):
     model.set_attn_processor(AttnProcessor2_0())
     with pytest.raises(AtomtuneError, match=r"transformer_blocks\.0\.attn1: .*replaced by AttnProcessor2_0"):
         run(model, inputs)
+
+
+def test_uneven_split_prunes_and_round_trips(tmp_path):
+    """Sana-1600M has 70 self-attention heads: atoms need not divide over them."""
+    model, inputs = tiny_sana(), sana_inputs()
+    atoms = AtomModel(model, AtomConfig(num_atoms=7))
+    trained_looking(atoms)
+    full = run(model, inputs)
+    atoms.save(tmp_path / "uneven")
+    loaded = AtomModel.load(tiny_sana(), tmp_path / "uneven")
+    assert torch.allclose(run(loaded.model, inputs), full, rtol=0, atol=1e-14)
+    atoms.set_masks({name: torch.tensor([1, 1, 0, 0, 1, 0, 1]) for name in atoms.layers()})
+    masked = run(model, inputs)
+    assert set(atoms.prune().values()) == {4}  # head 0 keeps atoms 0, 1; head 1 keeps 4, 6
+    assert torch.allclose(run(model, inputs), masked, atol=1e-12)
+    with pytest.raises(AtomtuneError, match="concat merge needs atoms split evenly"):
+        loaded.merge("default", "default", "both", how="concat")

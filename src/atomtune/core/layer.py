@@ -86,6 +86,7 @@ class AtomLayer(nn.Module):
     """The named adapters of one module; at most one active."""
 
     kind = "base"
+    even_heads = True  # atoms split evenly over the heads; attention processors that pad may clear it
 
     def __init__(self, in_features: int, heads: int = 1) -> None:
         super().__init__()
@@ -110,7 +111,7 @@ class AtomLayer(nn.Module):
         """Add ``Atoms`` on ``like``'s device. Adapters train in float32 even on a half-precision host
         (PEFT's choice too); a float64 host keeps float64 so exactness tests can hold it to 1e-10."""
         num_atoms = config.num_atoms if num_atoms is None else num_atoms
-        if num_atoms % self.heads:
+        if num_atoms % self.heads and self.even_heads:
             raise AtomtuneError(
                 f"num_atoms={num_atoms} must be a multiple of the {self.heads} attention heads "
                 f"(atoms are split evenly over the heads)"
@@ -161,6 +162,9 @@ class AtomLinear(AtomLayer):
 class AtomAttention(AtomLayer):
     """Attention mode: per-head coefficient channels ``Xc·W_s^h`` and the update from their mix.
 
+    Atom ``j`` belongs to head ``j // ceil(M/H)``. When ``M`` does not divide over the heads (Sana's
+    70 heads) the last heads get fewer atoms: their spare channels are zero and dropped again.
+
     ``in_features`` is the context width (``Xc``); each adapter's ``D`` is as wide as the space
     ``ΔO`` lives in: the value space for ``pre_out``, the block output for ``post_out``.
     """
@@ -180,10 +184,15 @@ class AtomAttention(AtomLayer):
         else:
             c = context.to(w_s.dtype) @ w_s
         b, n, m = c.shape
-        return c.view(b, n, self.heads, m // self.heads).transpose(1, 2)
+        per_head = -(-m // self.heads)
+        if per_head * self.heads != m:  # uneven split: the last heads carry zero channels
+            c = torch.nn.functional.pad(c, (0, per_head * self.heads - m))
+        return c.view(b, n, self.heads, per_head).transpose(1, 2)
 
     def update(self, atoms: Atoms, mixed: torch.Tensor) -> torch.Tensor:
         """Attention-mixed channels (B, H, N, M/H) → ``ΔO = σ_λ(concat_h ·)·D`` of shape (B, N, C_out)."""
         b, h, n, m = mixed.shape
         z = mixed.transpose(1, 2).reshape(b, n, h * m)
+        if h * m != atoms.num_atoms:
+            z = z[..., : atoms.num_atoms]  # drop the padding channels of an uneven split
         return atoms.decode(self.code(atoms, z.to(atoms.W_s.dtype)))

@@ -211,5 +211,5 @@ def _check_module(name: str, saved: dict, module: torch.nn.Module, config: AtomC
     for key, value in actual.items():
         if saved.get(key) != value:
             raise AtomtuneError(f"module {name}: adapter has {key}={saved.get(key)}, model has {value}")
-    if saved["num_atoms"] % heads:
+    if saved["num_atoms"] % heads and config.mode == "attention" and dx.even_heads_only(module):
         raise AtomtuneError(f"module {name}: {saved['num_atoms']} atoms do not split over {heads} heads")

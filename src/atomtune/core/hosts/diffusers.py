@@ -90,6 +90,12 @@ def _default_attention_shape(attn: nn.Module, placement: str) -> tuple[int, int,
     return attn.to_v.in_features, out, attn.heads
 
 
+def even_heads_only(attn: nn.Module) -> bool:
+    """PixArt's processor (and its projection-built heads) needs atoms split evenly over the heads;
+    the host processors pad an uneven split."""
+    return layout_of(attn.processor) is None
+
+
 def _supported_processor(processor: object) -> bool:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
@@ -120,6 +126,7 @@ def attach(attn: nn.Module, layer: AtomAttention, name: str = "") -> None:
     processor = _atom_processor_for(attn.processor)
     if has_text_stream(attn) and layer.in_features != attn.to_v.in_features:
         layer.fan_in = attn.to_v.in_features  # per-stream encoder: each token sees its own block
+    layer.even_heads = even_heads_only(attn)
     attn.add_module("atoms", layer)
     layer.original_processor = attn.processor
     layer.module_name = name or type(attn).__name__
