@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from atomtune.core.functional import attention_with_atoms
-from atomtune.core.hosts.layouts import ENCODER, HIDDEN, encoder_rows, layout_of, value_streams
+from atomtune.core.hosts.layouts import HIDDEN, encoder_rows, layout_of, value_streams
 from atomtune.core.layer import AtomAttention, Atoms
 from atomtune.errors import AtomtuneError
 
@@ -81,14 +81,13 @@ def joint_channels(
     attn: nn.Module, layer: AtomAttention, atoms: Atoms, arguments: dict[str, Any]
 ) -> torch.Tensor:
     """``Xc·W_s`` per head for every key token, in the kernel's key order: (B, H, L, M/H)."""
-    layout = layout_of(attn.processor)
-    per_stream = atoms.W_s.shape[0] != attn.to_v.in_features
-    rows = encoder_rows(attn, per_stream)
+    streams = value_streams(attn, layout_of(attn.processor))
+    rows = encoder_rows(attn, per_stream=atoms.W_s.shape[0] != attn.to_v.in_features)
     parts = []
-    for argument, _ in value_streams(attn, layout):
+    for argument, _ in streams:
         tokens = arguments.get(argument)
-        if tokens is None and argument == ENCODER and len(value_streams(attn, layout)) == 1:
-            tokens = arguments[HIDDEN]  # a one-stream module attends its own tokens
+        if tokens is None and len(streams) == 1:
+            tokens = arguments[HIDDEN]  # a one-stream module without a context attends its own tokens
         if tokens is not None:
             parts.append(layer.channels(atoms, tokens, rows[argument]))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
@@ -117,7 +116,7 @@ class WidenedAttention(TorchFunctionMode):
             raise AtomtuneError("atoms do not support attention dropout, causal masks or grouped kv heads")
         query, key, value = call["query"], call["key"], call["value"]
         c = self.channels
-        if c.shape[:3] != (*key.shape[:2], key.shape[2]):
+        if c.shape[:3] != key.shape[:3]:
             raise AtomtuneError(
                 f"atom channels {tuple(c.shape[:3])} do not match the host's keys {tuple(key.shape[:3])}: "
                 f"this diffusers version joins its streams differently"
