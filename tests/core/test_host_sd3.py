@@ -145,7 +145,7 @@ def test_processor_swap_after_injection_is_caught():
 def test_unload_gives_back_the_host_processor():
     model, inputs = tiny_sd3(), sd3_inputs()
     bare = run(model, inputs)
-    atoms = AtomModel(model, AtomConfig(num_atoms=2))
+    atoms = AtomModel(model, AtomConfig(num_atoms=4))
     trained_looking(atoms)
     atoms.unload()
     assert type(model.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"
