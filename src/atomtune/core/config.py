@@ -13,7 +13,8 @@ from atomtune.errors import AtomtuneError
 
 MODES = ("attention", "linear")
 PLACEMENTS = ("pre_out", "post_out")
-ATTENTION_KINDS = ("self", "cross", "both")
+ATTENTION_KINDS = ("self", "cross", "joint", "both")
+JOINT_ENCODERS = ("shared", "per_stream")
 PRUNE_BY = ("contribution", "random")
 
 
@@ -35,7 +36,11 @@ class AtomConfig:
         learn_lambda: learn λ (kept non-negative as ``|λ|``) or keep it fixed.
         placement: attention mode only. ``"pre_out"`` adds ``ΔO`` in the value space before the
             output projection (the paper's form); ``"post_out"`` adds it after.
-        attention: attention mode only: adapt ``"self"``-, ``"cross"``-attention or ``"both"``.
+        attention: attention mode only: adapt ``"self"``-, ``"cross"``- or ``"joint"`` attention (text and
+            image tokens attending together: SD3, Flux), or ``"both"``: every attention module.
+        joint_encoder: joint attention only: one coefficient encoder ``W_s`` shared by the text and
+            image tokens (``"shared"``), or one per stream (``"per_stream"``, stacked in ``W_s``'s rows:
+            image rows, then text rows), mirroring the host's separate value projections.
         target_modules: regular expression (``re.search``) on module names, or a list of them;
             ``None`` means every module of the mode's kind. Required in linear mode.
         layers: only modules whose first index in their name (``transformer_blocks.3.…`` → 3)
@@ -65,6 +70,7 @@ class AtomConfig:
     learn_lambda: bool = True
     placement: str = "pre_out"
     attention: str = "both"
+    joint_encoder: str = "shared"
     target_modules: str | list[str] | None = None
     layers: list[int] | None = None
     fused: bool = True
@@ -86,6 +92,7 @@ class AtomConfig:
         _choice("shrinkage", self.shrinkage, SHRINKAGES)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("attention", self.attention, ATTENTION_KINDS)
+        _choice("joint_encoder", self.joint_encoder, JOINT_ENCODERS)
         if not isinstance(self.num_atoms, int) or isinstance(self.num_atoms, bool) or self.num_atoms < 1:
             raise AtomtuneError(f"num_atoms must be a positive integer, got {self.num_atoms!r}")
         if self.shrinkage == "topk" and not (isinstance(self.topk, int) and self.topk >= 1):

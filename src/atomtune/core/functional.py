@@ -41,6 +41,7 @@ def attention_with_atoms(
     attn_mask: torch.Tensor | None = None,
     fused: bool = True,
     pad_to: int = 8,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(A·v, A·c)`` per head, from one fused call (default) or two calls.
 
@@ -49,12 +50,14 @@ def attention_with_atoms(
         attn_mask: anything ``F.scaled_dot_product_attention`` accepts, broadcast to (B, H, N, L).
         fused: widen the value heads (one call) instead of a second attention call.
         pad_to: the widened head size is rounded up to this multiple (kernel-friendly widths).
+        scale: the softmax scale; ``None`` means ``1/√d`` of the unpadded head (the padding would
+            otherwise change SDPA's default).
 
     Returns:
         ``(values, coefficients)`` of shapes (B, H, N, d) and (B, H, N, m).
     """
     d, m = q.shape[-1], c.shape[-1]
-    scale = 1.0 / math.sqrt(d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     c = c.to(v.dtype)
     if not fused:
         # channels padded to a kernel-friendly width too: with 2 atoms per head (after pruning)

@@ -29,13 +29,22 @@ Listener = Callable[["AtomLayer", torch.Tensor], None]
 class Atoms(nn.Module):
     """One adapter's feature dictionary for one module."""
 
-    def __init__(self, in_features: int, out_features: int, num_atoms: int, config: AtomConfig) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_atoms: int,
+        config: AtomConfig,
+        fan_in: int | None = None,
+    ) -> None:
+        """``fan_in``: inputs each token is encoded from, for ``W_s``'s initial scale (fewer than
+        ``in_features`` when ``W_s`` stacks one block per stream)."""
         super().__init__()
         self.shrinkage = config.shrinkage
         self.topk = config.topk
         self.placement = config.placement
         self.fused = config.fused
-        std = config.init_scale / math.sqrt(in_features)
+        std = config.init_scale / math.sqrt(fan_in or in_features)
         self.W_s = nn.Parameter(torch.randn(in_features, num_atoms) * std)
         self.D = nn.Parameter(torch.zeros(num_atoms, out_features))
         self.lam = nn.Parameter(torch.full((num_atoms,), float(config.lambda_init)))
@@ -77,10 +86,12 @@ class AtomLayer(nn.Module):
     """The named adapters of one module; at most one active."""
 
     kind = "base"
+    even_heads = True  # atoms split evenly over the heads; attention processors that pad may clear it
 
     def __init__(self, in_features: int, heads: int = 1) -> None:
         super().__init__()
         self.in_features = in_features
+        self.fan_in = in_features
         self.heads = heads
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
@@ -100,13 +111,13 @@ class AtomLayer(nn.Module):
         """Add ``Atoms`` on ``like``'s device. Adapters train in float32 even on a half-precision host
         (PEFT's choice too); a float64 host keeps float64 so exactness tests can hold it to 1e-10."""
         num_atoms = config.num_atoms if num_atoms is None else num_atoms
-        if num_atoms % self.heads:
+        if num_atoms % self.heads and self.even_heads:
             raise AtomtuneError(
                 f"num_atoms={num_atoms} must be a multiple of the {self.heads} attention heads "
                 f"(atoms are split evenly over the heads)"
             )
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        atoms = Atoms(self.in_features, out_features, num_atoms, config).to(like.device, dtype)
+        atoms = Atoms(self.in_features, out_features, num_atoms, config, self.fan_in).to(like.device, dtype)
         self.adapters[name] = atoms
         return atoms
 
@@ -151,27 +162,37 @@ class AtomLinear(AtomLayer):
 class AtomAttention(AtomLayer):
     """Attention mode: per-head coefficient channels ``Xc·W_s^h`` and the update from their mix.
 
+    Atom ``j`` belongs to head ``j // ceil(M/H)``. When ``M`` does not divide over the heads (Sana's
+    70 heads) the last heads get fewer atoms: their spare channels are zero and dropped again.
+
     ``in_features`` is the context width (``Xc``); each adapter's ``D`` is as wide as the space
     ``ΔO`` lives in: the value space for ``pre_out``, the block output for ``post_out``.
     """
 
     kind = "attention"
 
-    def channels(self, atoms: Atoms, context: torch.Tensor) -> torch.Tensor:
+    def channels(self, atoms: Atoms, context: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """``Xc·W_s`` split over heads: (B, L, C) → (B, H, L, M/H).
 
         On a half-precision host the small ``W_s`` is cast down rather than the large context up:
-        the channels ride with the values in the host's attention call anyway.
+        the channels ride with the values in the host's attention call anyway. ``rows``: the block
+        of ``W_s`` this context is encoded with (a per-stream encoder in joint attention).
         """
+        w_s = atoms.W_s if rows is None else atoms.W_s[rows]
         if context.dtype in (torch.float16, torch.bfloat16):
-            c = context @ atoms.W_s.to(context.dtype)
+            c = context @ w_s.to(context.dtype)
         else:
-            c = context.to(atoms.W_s.dtype) @ atoms.W_s
+            c = context.to(w_s.dtype) @ w_s
         b, n, m = c.shape
-        return c.view(b, n, self.heads, m // self.heads).transpose(1, 2)
+        per_head = -(-m // self.heads)
+        if per_head * self.heads != m:  # uneven split: the last heads carry zero channels
+            c = torch.nn.functional.pad(c, (0, per_head * self.heads - m))
+        return c.view(b, n, self.heads, per_head).transpose(1, 2)
 
     def update(self, atoms: Atoms, mixed: torch.Tensor) -> torch.Tensor:
         """Attention-mixed channels (B, H, N, M/H) → ``ΔO = σ_λ(concat_h ·)·D`` of shape (B, N, C_out)."""
         b, h, n, m = mixed.shape
         z = mixed.transpose(1, 2).reshape(b, n, h * m)
+        if h * m != atoms.num_atoms:
+            z = z[..., : atoms.num_atoms]  # drop the padding channels of an uneven split
         return atoms.decode(self.code(atoms, z.to(atoms.W_s.dtype)))

@@ -57,6 +57,10 @@ def merge_adapters(atom_model: AtomModel, first: str, second: str, name: str, ho
                 )
             merged[module] = _sum(atoms_a, atoms_b, heads, ca.num_atoms)
         else:
+            if atoms_a.num_atoms % heads or atoms_b.num_atoms % heads:
+                raise AtomtuneError(
+                    f"concat merge needs atoms split evenly over the {heads} heads of {module}"
+                )
             merged[module] = _concat(atoms_a, atoms_b, heads, offset=ca.num_atoms)
     config = dataclasses.replace(ca, num_atoms=ca.num_atoms + cb.num_atoms) if how == "concat" else ca
     atom_model.add_adapter(name, config, num_atoms={m: len(t["lam"]) for m, t in merged.items()})

@@ -56,26 +56,31 @@ class AtomModel:
         if not name.isidentifier():
             raise AtomtuneError(f"adapter name must be an identifier, got {name!r}")
         for module_name, module in find_targets(self.model, config):
-            layer = self._layer_for(module, config)
+            layer = self._layer_for(module_name, module, config)
             m = None if num_atoms is None else num_atoms.get(module_name)
             if num_atoms is not None and m is None:
                 continue
             if config.mode == "attention":
-                out = dx.attention_shape(module, config.placement)[1]
+                in_features, out, _ = dx.attention_shape(module, config.placement, config.joint_encoder)
+                if in_features != layer.in_features:
+                    raise AtomtuneError(
+                        f"{module_name}: joint_encoder={config.joint_encoder!r} differs from the "
+                        f"module's first adapter; adapters of one model share the encoder layout"
+                    )
             else:
                 out = linear_shape(module)[1]
             layer.add_adapter(name, config, out, next(module.parameters()), m)
         self.configs[name] = config
         self.set_adapter(name)
 
-    def _layer_for(self, module: nn.Module, config: AtomConfig) -> AtomLayer:
+    def _layer_for(self, name: str, module: nn.Module, config: AtomConfig) -> AtomLayer:
         layer = getattr(module, "atoms", None)
         if layer is not None:
             return layer
         if config.mode == "attention":
-            in_features, _, heads = dx.attention_shape(module, config.placement)
+            in_features, _, heads = dx.attention_shape(module, config.placement, config.joint_encoder)
             layer = AtomAttention(in_features, heads)
-            dx.attach(module, layer)
+            dx.attach(module, layer, name)
         else:
             layer = AtomLinear(linear_shape(module)[0])
             module.add_module("atoms", layer)

@@ -3,7 +3,7 @@
 Masks (1 keep, 0 drop) come from an importance dict ``{module: (M,) tensor}``, typically
 ``AtomStatistics.contribution()``; ``AtomModel.set_masks`` applies them at inference without
 touching trained parameters. ``prune`` then deletes masked atoms so the adapter runs and saves
-smaller. In attention mode atoms are grouped by head (atom m belongs to head ``m // (M/H)``) and
+smaller. In attention mode atoms are grouped by head (atom m belongs to head ``m // ceil(M/H)``) and
 every head needs the same number of channels, so heads with fewer survivors are padded with inert
 atoms (zero ``W_s`` and ``D``, masked, ``atom_ids == -1``).
 """
@@ -97,8 +97,11 @@ def prune(atom_model: AtomModel, adapter: str | None = None) -> dict[str, int]:
 
 
 def kept_positions(keep: torch.Tensor, heads: int) -> torch.Tensor:
-    """Positions of kept atoms, head by head, padded with -1 to the same count per head."""
-    per_head = keep.cpu().view(heads, -1)
+    """Positions of kept atoms, head by head, padded with -1 to the same count per head (atom ``j``
+    belongs to head ``j // ceil(M/H)``, as in ``AtomAttention.channels``)."""
+    keep = keep.cpu()
+    spare = -len(keep) % heads
+    per_head = torch.cat([keep, keep.new_zeros(spare)]).view(heads, -1)
     width = max(1, int(per_head.sum(1).max()))
     rows = []
     for h in range(heads):

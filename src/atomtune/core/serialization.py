@@ -203,7 +203,7 @@ def _check_module(name: str, saved: dict, module: torch.nn.Module, config: AtomC
     from atomtune.core.hosts.transformers import linear_shape
 
     if config.mode == "attention":
-        in_features, out_features, heads = dx.attention_shape(module, config.placement)
+        in_features, out_features, heads = dx.attention_shape(module, config.placement, config.joint_encoder)
         kind = AtomAttention.kind
     else:
         (in_features, out_features), heads, kind = linear_shape(module), 1, "linear"
@@ -211,5 +211,5 @@ def _check_module(name: str, saved: dict, module: torch.nn.Module, config: AtomC
     for key, value in actual.items():
         if saved.get(key) != value:
             raise AtomtuneError(f"module {name}: adapter has {key}={saved.get(key)}, model has {value}")
-    if saved["num_atoms"] % heads:
+    if saved["num_atoms"] % heads and config.mode == "attention" and dx.even_heads_only(module):
         raise AtomtuneError(f"module {name}: {saved['num_atoms']} atoms do not split over {heads} heads")

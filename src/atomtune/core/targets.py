@@ -39,8 +39,7 @@ def find_targets(model: nn.Module, config: AtomConfig) -> list[tuple[str, nn.Mod
         if config.mode == "attention":
             if not dx.is_attention(module):
                 continue
-            cross = dx.is_cross_attention(module)
-            if (config.attention == "self" and cross) or (config.attention == "cross" and not cross):
+            if config.attention != "both" and dx.attention_kind(module) != config.attention:
                 continue
         elif linear_shape(module) is None:
             continue

@@ -1,4 +1,8 @@
-"""diffusers glue: find ``Attention`` modules and run them with atoms through an attention processor.
+"""diffusers glue: find attention modules and run them with atoms through an attention processor.
+
+Hosts with diffusers' default processor (PixArt) use ``AtomAttnProcessor`` below. SD3, Flux and
+Sana's cross-attention keep their own processor, widened (``widened``, table in ``layouts``); Sana's
+linear self-attention has its own small processor (``sana``).
 
 The processor follows diffusers' ``AttnProcessor2_0`` step for step and changes one thing: the
 values and the atom coefficient channels go through one scaled-dot-product call
@@ -23,6 +27,8 @@ from atomtune.core.functional import (
     merge_heads,
     split_heads,
 )
+from atomtune.core.hosts.layouts import LAYOUTS, context_width, has_text_stream, layout_of
+from atomtune.core.hosts.widened import atom_processor
 from atomtune.core.layer import AtomAttention, Atoms
 from atomtune.errors import AtomtuneError
 
@@ -36,16 +42,46 @@ def attention_class() -> type[nn.Module] | None:
 
 
 def is_attention(module: nn.Module) -> bool:
+    """diffusers' ``Attention``, or a module built on its ``AttentionModuleMixin`` (``FluxAttention``)."""
     cls = attention_class()
-    return cls is not None and isinstance(module, cls)
+    if cls is None:
+        return False
+    from diffusers.models.attention import AttentionModuleMixin
+
+    return isinstance(module, (cls, AttentionModuleMixin))
 
 
 def is_cross_attention(attn: nn.Module) -> bool:
     return bool(getattr(attn, "is_cross_attention", False))
 
 
-def attention_shape(attn: nn.Module, placement: str) -> tuple[int, int, int]:
-    """(context width, width of ΔO, heads) of a diffusers ``Attention`` for the given placement."""
+def attention_kind(attn: nn.Module) -> str:
+    """``"joint"`` (text and image tokens attend together: SD3, Flux), ``"cross"`` or ``"self"``."""
+    layout = layout_of(attn.processor)
+    if layout is not None and (has_text_stream(attn) or layout.single_stream_joint):
+        return "joint"
+    return "cross" if is_cross_attention(attn) else "self"
+
+
+def attention_shape(attn: nn.Module, placement: str, joint_encoder: str = "shared") -> tuple[int, int, int]:
+    """(context width, width of ΔO, heads) of a diffusers attention module for the given placement."""
+    layout = layout_of(attn.processor)
+    if layout is None:
+        return _default_attention_shape(attn, placement)
+    name = type(attn.atoms.original_processor if hasattr(attn, "atoms") else attn.processor).__name__
+    if placement != "pre_out":
+        raise AtomtuneError(f"placement {placement!r} is not supported with {name} yet; use pre_out")
+    if attn.to_v.out_features != attn.to_q.out_features:
+        raise AtomtuneError("attention mode does not support grouped key/value heads yet")
+    width = context_width(attn, joint_encoder == "per_stream")
+    if width < 0:
+        raise AtomtuneError(
+            f"text and image tokens of this {type(attn).__name__} differ in width; use joint_encoder='per_stream'"
+        )
+    return width, attn.to_q.out_features, attn.heads
+
+
+def _default_attention_shape(attn: nn.Module, placement: str) -> tuple[int, int, int]:
     if attn.to_out is None or not isinstance(attn.to_out[0], nn.Linear):
         raise AtomtuneError("attention mode needs an Attention module with an output projection (to_out)")
     if attn.to_v.out_features != attn.to_q.out_features:
@@ -54,26 +90,64 @@ def attention_shape(attn: nn.Module, placement: str) -> tuple[int, int, int]:
     return attn.to_v.in_features, out, attn.heads
 
 
+def even_heads_only(attn: nn.Module) -> bool:
+    """PixArt's processor (and its projection-built heads) needs atoms split evenly over the heads;
+    the host processors pad an uneven split."""
+    return layout_of(attn.processor) is None
+
+
 def _supported_processor(processor: object) -> bool:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     return type(processor) in (AttnProcessor, AttnProcessor2_0, AtomAttnProcessor)
 
 
-def attach(attn: nn.Module, layer: AtomAttention) -> None:
-    """Register ``layer`` as ``attn.atoms`` and route the module through ``AtomAttnProcessor``."""
-    if not _supported_processor(attn.processor):
+def _atom_processor_for(processor: object) -> object:
+    """The processor that runs ``processor``'s host with atoms, or a one-line error naming it."""
+    if _supported_processor(processor):
+        return AtomAttnProcessor()
+    layout = layout_of(processor)
+    if layout is None or type(processor).__name__ not in LAYOUTS:
         raise AtomtuneError(
-            f"attention mode supports diffusers' default attention processor, "
-            f"found {type(attn.processor).__name__}"
+            f"attention mode supports diffusers' default, SD3 (JointAttnProcessor2_0), Flux "
+            f"(FluxAttnProcessor) and Sana attention processors, found {type(processor).__name__}"
         )
+    if layout.linear:
+        from atomtune.core.hosts.sana import SanaLinearAtomProcessor  # diffusers is optional
+
+        return SanaLinearAtomProcessor()
+    return atom_processor(processor)
+
+
+def attach(attn: nn.Module, layer: AtomAttention, name: str = "") -> None:
+    """Register ``layer`` as ``attn.atoms``, route the module through an atom processor, and guard it:
+    a processor swapped in later (``set_attn_processor``, ``fuse_qkv_projections``) would drop the
+    atoms silently, so the module's next call raises instead."""
+    processor = _atom_processor_for(attn.processor)
+    if has_text_stream(attn) and layer.in_features != attn.to_v.in_features:
+        layer.fan_in = attn.to_v.in_features  # per-stream encoder: each token sees its own block
+    layer.even_heads = even_heads_only(attn)
     attn.add_module("atoms", layer)
     layer.original_processor = attn.processor
-    attn.set_processor(AtomAttnProcessor())
+    layer.module_name = name or type(attn).__name__
+    attn.set_processor(processor)
+    layer.processor = attn.processor
+    layer.guard = attn.register_forward_pre_hook(_check_processor)
+
+
+def _check_processor(attn: nn.Module, args: tuple) -> None:
+    layer = attn.atoms
+    if attn.processor is not layer.processor:
+        raise AtomtuneError(
+            f"{layer.module_name}: its attention processor was replaced by {type(attn.processor).__name__} "
+            f"after atoms were injected (set_attn_processor, fuse_qkv_projections, IP-adapter or PAG "
+            f"do this), which would drop the atoms; inject atoms after such a change"
+        )
 
 
 def detach(attn: nn.Module) -> None:
     layer = attn.atoms
+    layer.guard.remove()
     attn.set_processor(layer.original_processor)
     del attn.atoms
 

@@ -1,0 +1,86 @@
+"""Per-host facts the widened attention call needs: one small table row per diffusers processor.
+
+Each host keeps its own processor; atoms only need to know which processor arguments hold the
+tokens that keys and values are made from, and in which order the host joins them in its one
+attention call (the kernel's key order). Everything else (RoPE, QK-norm, masks, the output
+projections) stays the host's. A row is checked by the tests' "value replay": channels built from
+the host's own value projections in this order equal the values its kernel receives.
+
+Read from diffusers 0.42.1 (``JointAttnProcessor2_0``: ``[image, text]``; ``FluxAttnProcessor``:
+``[text, image]``; Flux single blocks get the joint sequence as ``hidden_states`` already).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+HIDDEN = "hidden_states"
+ENCODER = "encoder_hidden_states"
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """How one host processor joins its streams.
+
+    Args:
+        key_order: processor arguments in the order their tokens appear as keys, for modules with
+            a second (text) stream through ``add_v_proj``; a stream passed as ``None`` is absent.
+        single_stream_joint: a module without ``add_v_proj`` still attends text and image tokens
+            together (its ``hidden_states`` is the joint sequence: Flux single blocks).
+        linear: the host's kernel is linear attention, not scaled-dot-product (own processor).
+    """
+
+    key_order: tuple[str, ...] = (HIDDEN, ENCODER)
+    single_stream_joint: bool = False
+    linear: bool = False
+
+
+LAYOUTS: dict[str, HostLayout] = {
+    "JointAttnProcessor2_0": HostLayout(key_order=(HIDDEN, ENCODER)),
+    "FluxAttnProcessor": HostLayout(key_order=(ENCODER, HIDDEN), single_stream_joint=True),
+    "SanaAttnProcessor2_0": HostLayout(),
+    "SanaLinearAttnProcessor2_0": HostLayout(linear=True),
+}
+
+
+def layout_of(processor: object) -> HostLayout | None:
+    """The row of ``processor``'s class or of the host class it derives from (atom processors)."""
+    for cls in type(processor).__mro__:
+        if cls.__name__ in LAYOUTS and cls.__module__.startswith("diffusers"):
+            return LAYOUTS[cls.__name__]
+    return None
+
+
+def has_text_stream(attn: nn.Module) -> bool:
+    """Joint (two-stream) module: text tokens get their own value projection ``add_v_proj``."""
+    return getattr(attn, "add_v_proj", None) is not None
+
+
+def value_streams(attn: nn.Module, layout: HostLayout) -> list[tuple[str, nn.Linear]]:
+    """``(argument, value projection)`` per stream, in key order. A one-stream module's context is
+    ``encoder_hidden_states`` when given, else ``hidden_states`` (argument ``ENCODER``, resolved at call)."""
+    if not has_text_stream(attn):
+        return [(ENCODER, attn.to_v)]
+    projections = {HIDDEN: attn.to_v, ENCODER: attn.add_v_proj}
+    return [(arg, projections[arg]) for arg in layout.key_order]
+
+
+def encoder_rows(attn: nn.Module, per_stream: bool) -> dict[str, slice | None]:
+    """Rows of ``W_s`` each stream's tokens are encoded with: all of them (shared encoder), or the
+    stream's own block (per-stream: ``hidden_states`` rows first, then ``encoder_hidden_states``)."""
+    if not per_stream or not has_text_stream(attn):
+        return {HIDDEN: None, ENCODER: None}
+    width = attn.to_v.in_features
+    return {HIDDEN: slice(0, width), ENCODER: slice(width, width + attn.add_v_proj.in_features)}
+
+
+def context_width(attn: nn.Module, per_stream: bool) -> int:
+    """Rows of ``W_s``: the value input width, or the two streams' widths stacked (per-stream)."""
+    width = attn.to_v.in_features
+    if per_stream and has_text_stream(attn):
+        return width + attn.add_v_proj.in_features
+    if has_text_stream(attn) and attn.add_v_proj.in_features != width:
+        return -1  # a shared encoder needs one width: the caller names the problem
+    return width
