@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from atomtune import AtomConfig, AtomModel
-from host_helpers import sd3_inputs, tiny_sd3
+from atomtune.tiny import sd3_inputs, tiny_sd3
 
 STUDENTS = {"shared": ("shared", 8), "per_stream": ("per_stream", 8), "shared_param_parity": ("shared", 12)}
 
