@@ -64,3 +64,19 @@ def test_resolution_must_fit_the_model():
         spec.check_resolution(36)
     with pytest.raises(AtomtuneError, match="dtype must be auto or one of"):
         load_pipeline("tiny", dtype="float8", device="cpu")
+
+
+def test_named_pipelines_come_from_the_registry_and_installed_entry_points(monkeypatch):
+    """The loader knows no specific pipeline: ``tiny`` registers itself, the testbed's ``digits`` is
+    found through the package's ``atomtune.pipelines`` entry point, and a user can register a name."""
+    from atomtune.diffusion import pipeline as pl
+    from atomtune.testbed.digit_pipeline import digit_pipeline
+
+    monkeypatch.setattr(pl, "_NAMED", {k: v for k, v in pl._NAMED.items() if k != "digits"})
+    assert pl.named_pipeline("tiny") is tiny_pixart_pipeline
+    assert pl.named_pipeline("digits") is digit_pipeline  # loaded from the entry point on first use
+    assert pl.named_pipeline("no-such-name") is None
+    built = []
+    pl.register_pipeline("mine", lambda: built.append(1) or tiny_pixart_pipeline())
+    pipe = load_pipeline("mine", device="cpu")
+    assert built == [1] and spec_for(pipe) is not None

@@ -144,13 +144,6 @@ def named_pipeline(name: str) -> Callable[[], Any] | None:
     return _NAMED.get(name)
 
 
-def pipeline_names() -> list[str]:
-    """Every name ``load_pipeline`` builds in-process, registered or installed."""
-    from importlib.metadata import entry_points
-
-    return sorted(set(_NAMED) | {e.name for e in entry_points(group=PIPELINE_ENTRY_POINTS)})
-
-
 register_pipeline(TINY, tiny_pixart_pipeline)
 
 
