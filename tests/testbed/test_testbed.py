@@ -13,7 +13,6 @@ from atomtune.testbed.digits import (
     Attributes,
     all_captions,
     load_digits,
-    prompt_grid,
     random_attributes,
     render,
     split_indices,
@@ -56,7 +55,24 @@ def test_data_is_deterministic_and_split_is_disjoint(digits):
     a = [random_attributes(1, np.random.default_rng(7)) for _ in range(2)]
     assert a[0] == a[1]
     assert len(all_captions([0, 1])) == 2 * len(COLORS) * (1 + len(PLACES))
-    assert len(prompt_grid("sks digit")) == 25 and len({p.caption("x") for p in prompt_grid("x")}) == 25
+
+
+def test_selection_and_report_prompts_split_every_setting():
+    """The 5 selection prompts and the 25 report prompts are disjoint, together every color x
+    (size, place) setting once; the selection holds each color once and each setting at most once, and
+    every prompt reads back (parse_prompt) as the attributes it was made from."""
+    from atomtune.testbed import customize as cz
+
+    chosen, report = cz.selection_prompts(), cz.report_prompts()
+    texts = [p.text for p in chosen + report]
+    assert len(chosen) == 5 and len(report) == 25 and len(set(texts)) == 30
+    assert sorted(texts) == sorted(p.text for p in cz.all_prompts())
+    assert sorted(p.attributes.color for p in chosen) == sorted(COLORS)
+    settings = [(p.attributes.size, p.attributes.place) for p in chosen]
+    assert len(set(settings)) == 5
+    assert all(cz.parse_prompt(p.text) == p.attributes for p in chosen + report)
+    captions = cz.instance_captions(9, 5)
+    assert all(cz.parse_prompt(c) is not None and cz.TOKEN in c.split() for c in captions)
 
 
 def test_judges_on_held_out_real_digits(digits):

@@ -91,6 +91,12 @@ def test_bench_on_a_reduced_grid_writes_tables_and_resumes(tmp_path):
     assert report["topk"]["no_cut_sparsity"]["live_atoms"]["mean"] == 12
     assert 0 <= report["merge"]["shared_atom_ids"] <= 1
     assert (out / "frontier.png").is_file() and (out / "runs" / "atoms").is_dir()
+    lines = (out / "instance_images" / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == cz.instance_captions(9, settings.instances)
+    record = json.loads(
+        (out / "runs" / "atoms" / "lr-0.001" / "seed-0" / "adapter" / "training.json").read_text()
+    )
+    assert record["instance_captions"] is True
     # a rerun reads the finished runs instead of training again
     marker = out / "runs" / "lora" / "lr-0.001" / "seed-0" / "result.json"
     stamp = marker.stat().st_mtime_ns
@@ -99,6 +105,21 @@ def test_bench_on_a_reduced_grid_writes_tables_and_resumes(tmp_path):
     # ... but not with other settings
     with pytest.raises(AtomtuneError, match="other settings"):
         run_bench(BenchSettings(methods=("atoms",), seeds=(0,), steps=3), out, progress=False)
+
+
+def test_one_selection_rule_keeps_the_other_digits_and_alignment():
+    """The kept rate draws the concept best among the rates that keep prior ≥ 0.9 and alignment ≥ 0.95;
+    when none does, the best mean of the three."""
+    from atomtune.testbed.bench import _choose
+
+    rows = [
+        {"learning_rate": 1e-4, "p_target": 0.5, "alignment": 1.0, "prior": 1.0},
+        {"learning_rate": 3e-4, "p_target": 0.8, "alignment": 0.96, "prior": 0.92},
+        {"learning_rate": 1e-3, "p_target": 0.95, "alignment": 1.0, "prior": 0.85},  # forgets other digits
+        {"learning_rate": 3e-3, "p_target": 0.99, "alignment": 0.9, "prior": 1.0},  # loses alignment
+    ]
+    assert _choose(rows)["learning_rate"] == 3e-4
+    assert _choose(rows[2:])["learning_rate"] == 3e-3  # (0.99 + 0.9 + 1.0) / 3 beats (0.95 + 1.0 + 0.85) / 3
 
 
 def test_bench_cli_rejects_bad_options(tmp_path, capsys):

@@ -223,3 +223,41 @@ def test_class_images_with_their_own_captions_need_no_class_prompt(dog_images, t
     (cats / "metadata.jsonl").unlink()
     with pytest.raises(AtomtuneError, match=r"need a class-prompt or a metadata\.jsonl"):
         train(_settings(dog_images, tmp_path / "run3", class_data=str(cats)), progress=False)
+
+
+def test_instance_images_with_their_own_captions(dog_images, tmp_path):
+    """An instance folder with a metadata.jsonl trains each image under its own caption: the loop's
+    prompt rows are those captions' encodings, in the images' order; a caption without the token is
+    refused (the token would not name the subject)."""
+    import shutil
+
+    from accelerate import Accelerator
+
+    from atomtune.diffusion.spec import spec_for
+    from atomtune.workflows.train.data import prepare_data
+
+    dogs = tmp_path / "dogs"
+    shutil.copytree(dog_images, dogs)
+    names = sorted(p.name for p in dogs.iterdir())
+    captions = [f"a sks dog number {i}" for i in range(len(names))]
+    lines = [json.dumps({"file_name": n, "text": c}) for n, c in zip(names, captions, strict=True)]
+    (dogs / "metadata.jsonl").write_text("\n".join(lines[::-1]) + "\n")  # order in the file does not matter
+    pipe = tiny_pixart_pipeline()
+    spec = spec_for(pipe)
+    settings = _settings(dogs, tmp_path / "run", class_prompt="a dog", num_class_images=2)
+    data = prepare_data(settings, pipe, spec, Accelerator(cpu=True), tmp_path / "run", 32, False)
+    rows = data.prompts.select(data.instance_prompt_ids)
+    expected = spec.encode_prompts(captions)
+    assert torch.equal(rows.embeds, expected.embeds) and torch.equal(rows.mask, expected.mask)
+    class_rows = data.prompts.select(data.class_prompt_ids)
+    assert torch.equal(class_rows.embeds, spec.encode_prompts(["a dog"] * 2).embeds)
+    result = train(_settings(dogs, tmp_path / "run2"), progress=False)
+    assert json.loads((result.adapter_dir / "training.json").read_text())["instance_captions"] is True
+    assert "each under its own caption" in (result.adapter_dir / "README.md").read_text()
+    (dogs / "metadata.jsonl").write_text(json.dumps({"file_name": names[0], "text": "a dog"}) + "\n")
+    with pytest.raises(AtomtuneError, match="has no caption for"):
+        train(_settings(dogs, tmp_path / "run3"), progress=False)
+    lines[0] = json.dumps({"file_name": names[0], "text": "a dog"})
+    (dogs / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(AtomtuneError, match="lacks the token 'sks'"):
+        train(_settings(dogs, tmp_path / "run4"), progress=False)

@@ -84,6 +84,7 @@ def _bench(args: argparse.Namespace) -> None:
         eval_seeds=tuple(seed_list(args.eval_seeds, "--eval-seeds")),
         prompts=args.prompts,
         prior_per_digit=args.prior_per_digit,
+        captions=not args.no_captions,
         topk=not args.no_topk,
         merge=not args.no_merge,
     )
@@ -147,7 +148,7 @@ def register(sub) -> None:
     p.add_argument("--methods", default="atoms,lora,dora,oft")
     p.add_argument("--seeds", default="0,1,2", help="report seeds (comma-separated)")
     p.add_argument(
-        "--learning-rates", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="the search grid, same for all"
+        "--learning-rates", default="3e-5,1e-4,3e-4,1e-3,3e-3", help="the search grid, same for all"
     )
     p.add_argument("--steps", type=COUNT, default=600)
     p.add_argument("--num-atoms", type=COUNT, default=66)
@@ -159,6 +160,10 @@ def register(sub) -> None:
     p.add_argument("--eval-seeds", default="0,1", help="samples per prompt")
     p.add_argument("--prompts", help="a file of prompts, one per line, {} = the concept")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
+    p.add_argument(
+        "--no-captions", action="store_true",
+        help='train every instance image under "a sks digit" instead of its own caption',
+    )  # fmt: skip
     p.add_argument("--no-topk", action="store_true", help="skip the atoms-removal curve")
     p.add_argument("--no-merge", action="store_true", help="skip the concept + style merge")
     p.add_argument("--quiet", action="store_true")

@@ -24,12 +24,22 @@ from atomtune.io import save_png
 from atomtune.testbed import customize as cz
 
 
-def topk_rows(pipe, adapters: list[Path], ks: list[int], prompts, seeds, target, references, classifier):
+def topk_rows(
+    pipe,
+    adapters: list[Path],
+    ks: list[int],
+    ranking: list[str],
+    prompts,
+    seeds,
+    target,
+    references,
+    classifier,
+):
     """Per adapter (one per report seed): sparsity while sampling, and the scores with only the
     top-k atoms of every module kept, and with k random ones (the control).
 
-    Atoms are ranked by their contribution while sampling the training prompt and the selection
-    prompts (never the report prompts, which only judge)."""
+    Atoms are ranked by their contribution while sampling the ``ranking`` prompts (the training
+    captions and the selection prompts; never the report prompts, which only judge)."""
     from atomtune.diffusion.adapters import load_adapters
     from atomtune.diffusion.pipeline import pipeline_name
     from atomtune.diffusion.spec import spec_for
@@ -39,9 +49,8 @@ def topk_rows(pipe, adapters: list[Path], ks: list[int], prompts, seeds, target,
     for adapter in adapters:
         tuned = load_adapters(pipe.transformer, [adapter], pipeline_name(pipe))
         try:
-            texts = [cz.INSTANCE_PROMPT] + [p.text for p in cz.selection_prompts()]
             stats, _ = calibrate(
-                spec_for(pipe), tuned, texts, seeds[:1], cz.SAMPLE_STEPS, cz.GUIDANCE, 24, 24
+                spec_for(pipe), tuned, ranking, seeds[:1], cz.SAMPLE_STEPS, cz.GUIDANCE, 24, 24
             )
             live = {n: (a.mask != 0).cpu() for n, a in tuned.handle.atoms().items()}
             contribution = {n: c * live[n] for n, c in stats.contribution().items()}  # pads rank last

@@ -3,8 +3,9 @@ real handwritten samples, with any method of the one trainer, and judge what it 
 
 Shared by ``testbed bench`` (all methods, seeds, learning rates) and ``demo`` (atoms, once). The
 concept is the held-out digit's handwriting under a rare token ("a sks digit"); the instance
-images show it in several colors, places and sizes that the prompt does not name, and the 25
-prompts ask for it in each color, place and size by name. A color style ("zwx style": magenta strokes, learned from
+images show it in several colors, places and sizes, each under its own caption (those words plus the
+token: "a large white sks digit"), and the 25 report prompts ask for it in other color x place x size
+combinations by name; 5 more prompts choose settings and are never reported. A color style ("zwx style": magenta strokes, learned from
 other digits) is the second adapter for the merge experiment.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from atomtune.errors import AtomtuneError
-from atomtune.io import save_png
+from atomtune.io import save_png, save_text
 from atomtune.testbed.digit_pipeline import to_pil
 from atomtune.testbed.digits import (
     COLORS,
@@ -42,7 +43,7 @@ SAMPLE_STEPS = 20
 # The atoms recipe on the testbed, chosen on the selection seed (benchmarks/results/testbed):
 # 66 atoms per module (LoRA r=16's parameters), cut to RECIPE_BUDGET by contribution during training.
 RECIPE_BUDGET = 6
-RECIPE_LR = 3e-5
+RECIPE_LR = 3e-4
 
 
 @dataclass
@@ -63,14 +64,26 @@ def real_glyphs(digits: list[int], count: int, seed: int = 0) -> np.ndarray:
     return images[np.concatenate(picks)]
 
 
-def instance_images(digit: int, count: int = 5, seed: int = 0) -> torch.Tensor:
-    """The concept's instance images, in [-1, 1]: real samples of ``digit``, each in its own color,
-    place and size (as DreamBooth's photos show the subject in several settings)."""
+def instance_attributes(digit: int, count: int = 5, seed: int = 0) -> list[Attributes]:
+    """Each instance image's color, place and size (as DreamBooth's photos show the subject in
+    several settings)."""
     from atomtune.testbed.digits import random_attributes
 
     rng = np.random.default_rng([seed, 1])
-    attrs = [random_attributes(digit, rng) for _ in range(count)]
-    return render_batch(real_glyphs([digit], count, seed), attrs)
+    return [random_attributes(digit, rng) for _ in range(count)]
+
+
+def instance_images(digit: int, count: int = 5, seed: int = 0) -> torch.Tensor:
+    """The concept's instance images, in [-1, 1]: real samples of ``digit``, each in its own color,
+    place and size (``instance_attributes``)."""
+    return render_batch(real_glyphs([digit], count, seed), instance_attributes(digit, count, seed))
+
+
+def instance_captions(digit: int, count: int = 5, seed: int = 0) -> list[str]:
+    """Each instance image's own caption in the templates' words, the concept in the digit's slot
+    ("a large white sks digit"): what varies between the images is named, so the token carries only
+    the handwriting."""
+    return [a.caption(SUBJECT) for a in instance_attributes(digit, count, seed)]
 
 
 def style_images(holdout: int, count: int = 5, seed: int = 0) -> torch.Tensor:
@@ -83,11 +96,22 @@ def style_images(holdout: int, count: int = 5, seed: int = 0) -> torch.Tensor:
     return ink * torch.tensor(STYLE_RGB)[:, None, None] * 2 - 1
 
 
-def write_images(images: torch.Tensor, folder: str | Path) -> Path:
-    """Save (B, 3, H, W) images in [-1, 1] as PNGs (the trainer reads folders of images)."""
+def write_images(images: torch.Tensor, folder: str | Path, captions: list[str] | None = None) -> Path:
+    """Save (B, 3, H, W) images in [-1, 1] as PNGs (the trainer reads folders of images), with each
+    image's caption in the folder's ``metadata.jsonl`` when given."""
+    import json
+
+    from atomtune.diffusion.data import CAPTIONS
+
     folder = Path(folder)
-    for i, image in enumerate(to_pil((images + 1) / 2)):
-        save_png(image, folder / f"{i:02d}.png")
+    names = [f"{i:02d}.png" for i in range(len(images))]
+    for name, image in zip(names, to_pil((images + 1) / 2), strict=True):
+        save_png(image, folder / name)
+    if captions is not None:
+        if len(captions) != len(names):
+            raise AtomtuneError(f"{len(captions)} captions for {len(names)} images")
+        lines = [json.dumps({"file_name": n, "text": c}) for n, c in zip(names, captions, strict=True)]
+        save_text("\n".join(lines) + "\n", folder / CAPTIONS)
     return folder
 
 
@@ -119,11 +143,27 @@ def read_digit_prompts(path: str | Path) -> list[Prompt]:
     return [Prompt(t, parse_prompt(t)) for t in texts]
 
 
-def grid_prompts() -> list[Prompt]:
-    """The 25 evaluation prompts: 5 colors x (4 small corners + large centre)."""
-    from atomtune.testbed.digits import prompt_grid
+def all_prompts() -> list[Prompt]:
+    """Every prompt of the templates for the concept: 5 colors x 6 (size, place) settings."""
+    corners = [p for p in PLACES if p != "in the center"]
+    settings = [("small", p) for p in corners] + [("large", "in the center"), ("small", "in the center")]
+    return [
+        Prompt(a.caption(SUBJECT), a) for a in (Attributes(-1, c, s, p) for c in COLORS for s, p in settings)
+    ]
 
-    return [Prompt(a.caption(SUBJECT), a) for a in prompt_grid(SUBJECT)]
+
+def selection_prompts() -> list[Prompt]:
+    """The 5 prompts that choose settings and are never reported: one (size, place) setting per color,
+    each setting a different one (a Latin-square diagonal: red top left, green top right, blue bottom
+    left, yellow bottom right, white large), so that they are as hard as the report's prompts."""
+    prompts = all_prompts()
+    return [prompts[i * 6 + i] for i in range(len(COLORS))]
+
+
+def report_prompts() -> list[Prompt]:
+    """The 25 prompts the benchmark and the demo judge: every color x setting but the selection's."""
+    chosen = {p.text for p in selection_prompts()}
+    return [p for p in all_prompts() if p.text not in chosen]
 
 
 def draw(pipe, prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -266,14 +306,6 @@ def sheet(images: torch.Tensor, prompts: int, seeds: int):
     rows = [pil[i * seeds : (i + 1) * seeds] for i in range(min(prompts, 25))]
     picture = grid(rows)
     return picture.resize((picture.width * 3, picture.height * 3), 0)
-
-
-def selection_prompts() -> list[Prompt]:
-    """Prompts that choose settings and are never reported: small centred digits in each color
-    (the 25 report prompts hold no small centred digit)."""
-    return [
-        Prompt(a.caption(SUBJECT), a) for a in (Attributes(-1, c, "small", "in the center") for c in COLORS)
-    ]
 
 
 def adapter_megabytes(adapter_dir: Path) -> float:

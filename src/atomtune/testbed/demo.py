@@ -1,7 +1,8 @@
 """``atomtune demo``: the main job. Teach the shipped digit model the digit it never saw, with atoms,
 on a CPU in about a minute, and show what the fine-tuning changed.
 
-Writes to ``--out``: the instance images, the 25 evaluation prompts drawn before and after
+Writes to ``--out``: the instance images (with their captions), the prior-preservation images, the 25
+report prompts drawn before and after
 (``images.png``), which atoms matter in which layer (``heatmap.png``, ``rankings.json``), one prompt
 drawn with only the top-k atoms of every module kept (``sweep.png``), the adapter, and
 ``summary.md`` / ``summary.json`` with the judges' scores before and after.
@@ -22,7 +23,7 @@ from atomtune.testbed.customize import RECIPE_BUDGET, RECIPE_LR
 from atomtune.testbed.digit_pipeline import digit_pipeline, to_pil
 from atomtune.testbed.judges import load_classifier
 
-SWEEP_PROMPT = f"a large red {cz.SUBJECT}"
+SWEEP_PROMPT = f"a small red {cz.SUBJECT} in the top right corner"
 
 
 @dataclass
@@ -33,10 +34,13 @@ class DemoSettings:
     atom_budget: int = RECIPE_BUDGET  # atoms kept per module (9% of the dictionary); 0 keeps all
     seed: int = 0
     holdout_digit: int = 9
+    prior_per_digit: int = 2  # prior preservation: the model's own drawings of each other digit (0: off)
 
     def __post_init__(self) -> None:  # fail before the model loads and anything is written
         if self.steps < 1 or self.learning_rate <= 0 or self.num_atoms < 1 or self.seed < 0:
             raise AtomtuneError("demo: steps and num_atoms must be >= 1, learning_rate > 0, seed >= 0")
+        if self.prior_per_digit < 0:
+            raise AtomtuneError(f"demo: prior images per digit must be >= 0, got {self.prior_per_digit}")
         if not 0 <= self.atom_budget <= self.num_atoms:
             raise AtomtuneError(f"demo: atom budget must be in 0..{self.num_atoms}, got {self.atom_budget}")
 
@@ -54,15 +58,18 @@ def run_demo(
     classifier = load_classifier()
     target, seeds = settings.holdout_digit, [settings.seed]
     references = cz.instance_images(target)
-    instance_dir = cz.write_images(references, out / "instance_images")
-    prompts = cz.grid_prompts()
+    instance_dir = cz.write_images(references, out / "instance_images", cz.instance_captions(target))
+    prompts = cz.report_prompts()
 
     before, images_before = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
     before["prior"] = cz.score_prior(pipe, target, seeds, classifier)
+    class_dir = None  # prior preservation keeps the other digits (the pretrained model's own drawings)
+    if settings.prior_per_digit:
+        class_dir = cz.prior_images(pipe, target, out / "prior_images", settings.prior_per_digit)
     result = cz.train_adapter(
         pipe, "atoms", instance_dir, cz.INSTANCE_PROMPT, out / "run", settings.learning_rate,
         settings.steps, settings.seed, settings.num_atoms, progress=progress,
-        atom_budget=settings.atom_budget,
+        atom_budget=settings.atom_budget, class_dir=class_dir,
     )  # fmt: skip
     try:
         after, images_after = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
@@ -85,7 +92,7 @@ def run_demo(
             cz.GUIDANCE,
             24,
             24,
-            ks=None,
+            ks=list(range(settings.atom_budget + 1)) if settings.atom_budget else None,  # 0: pretrained
         )
         save_png(grid([_enlarge_all(strip)], [f"k={k}" for k in ks]), out / "sweep.png")
         trainable = result.tuned.num_trainable_parameters()
@@ -96,7 +103,7 @@ def run_demo(
     save_png(grid(rows, ["before"] + [""] * 4 + ["after"] + [""] * 4), out / "images.png")
     summary = {
         "concept": f"the digit {target} ({cz.word(target)}), never seen in pretraining",
-        "instance_prompt": cz.INSTANCE_PROMPT,
+        "instance_captions": cz.instance_captions(target),
         "settings": settings.__dict__,
         "before": before,
         "after": after,
@@ -131,6 +138,11 @@ def _atoms_sentence(s: dict[str, Any]) -> str:
     )
 
 
+def _prior_words(settings: dict[str, Any]) -> str:
+    n = settings.get("prior_per_digit", 0)
+    return f"{n} of the model's own drawings of each other digit" if n else "off"
+
+
 def _markdown(s: dict[str, Any]) -> str:
     b, a = s["before"], s["after"]
     rows = [
@@ -143,8 +155,9 @@ def _markdown(s: dict[str, Any]) -> str:
         f"# atomtune demo: {s['concept']}",
         "",
         f"Atoms ({s['settings']['num_atoms']} per attention module) trained for {s['settings']['steps']} "
-        f'steps on 5 real handwritten samples with "{s["instance_prompt"]}" in {s["train_seconds"]:.0f} s; '
-        f"whole demo {s['seconds']:.0f} s. Scores over the 25 prompts (5 colors x 5 places/sizes):",
+        f'steps on 5 real handwritten samples, each under its own caption ("{s["instance_captions"][0]}", …), '
+        f"with prior preservation ({_prior_words(s['settings'])}), in {s['train_seconds']:.0f} s; "
+        f"whole demo {s['seconds']:.0f} s. Scores over the 25 report prompts (5 colors x 6 places/sizes, less 5 kept for choosing settings):",
         "",
         "| measured | before | after |",
         "|---|---|---|",

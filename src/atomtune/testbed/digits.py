@@ -124,9 +124,3 @@ def all_captions(digits: list[int], subject: str | None = None) -> list[str]:
             out.append(Attributes(d, color, "large", "in the center").caption(subject))
             out.extend(Attributes(d, color, "small", p).caption(subject) for p in PLACES)
     return out
-
-
-def prompt_grid(subject: str) -> list[Attributes]:
-    """The 25 evaluation prompts: 5 colors x 5 (place, size) settings, digit slot = ``subject``."""
-    settings = [("small", p) for p in list(PLACES)[:4]] + [("large", "in the center")]
-    return [Attributes(-1, c, s, p) for c in COLORS for s, p in settings]

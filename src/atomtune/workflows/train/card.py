@@ -9,7 +9,9 @@ from atomtune.diffusion.tuned import Tuned
 from atomtune.version import __version__
 
 
-def training_record(settings, pretrained, resolution, steps, history, n_instance, n_class, tuned, seconds):
+def training_record(
+    settings, pretrained, resolution, steps, history, n_instance, n_class, tuned, seconds, captioned=False
+):
     return {
         "atomtune_version": __version__,
         "base_model": pretrained,
@@ -19,6 +21,7 @@ def training_record(settings, pretrained, resolution, steps, history, n_instance
         "instance_data": str(settings.instance_data),
         "instance_images": n_instance,
         "instance_prompt": settings.instance_prompt,
+        "instance_captions": captioned,  # each instance image trained under its own metadata.jsonl caption
         "token": settings.token,
         "class_prompt": settings.class_prompt,
         "class_images": n_class,
@@ -45,6 +48,12 @@ def _final_sparsity(history: list[dict[str, float]], tuned: Tuned) -> dict[str, 
     }
 
 
+def _instance_prompt(record: dict[str, Any]) -> str:
+    if record.get("instance_captions"):
+        return "each under its own caption (metadata.jsonl)"
+    return f'prompt "{record["instance_prompt"]}"'
+
+
 def model_card(record: dict[str, Any], tuned: Tuned) -> str:
     s = record["settings"]
     if record["class_images"]:
@@ -62,7 +71,7 @@ Trained with atomtune {record["atomtune_version"]}: DreamBooth-style concept cus
 - Base model: `{record["base_model"]}` ({type(tuned.model).__name__})
 - Method: {record["method_description"]}
 - Trainable parameters: {record["trainable_parameters"]:,}
-- Data: {record["instance_images"]} images from `{record["instance_data"]}`, prompt "{record["instance_prompt"]}"
+- Data: {record["instance_images"]} images from `{record["instance_data"]}`, {_instance_prompt(record)}
 - Prior: {prior}
 - Optimizer: {s["optimizer"].upper()}, lr {s["learning_rate"]}, weight decay {s["weight_decay"]}
 - Schedule: {record["steps"]} steps ({s["epochs"]} epochs, batch {s["batch_size"]}), seed {s["seed"]}

@@ -10,6 +10,7 @@ import torch
 
 from atomtune.diffusion.data import (
     CAPTIONS,
+    has_token,
     load_images,
     read_captions,
     square_crop,
@@ -25,8 +26,9 @@ from atomtune.progress import progress_bar
 class TrainingData:
     """Everything the loop reads, encoded once: prompts, and VAE posteriors of the images."""
 
-    prompts: Prompts  # the instance prompt, then the class prompt(s) with prior preservation
+    prompts: Prompts  # the instance prompt(s), then the class prompt(s) with prior preservation
     instance: tuple[torch.Tensor, torch.Tensor]  # posterior mean and std, (N, C, h, w) each
+    instance_prompt_ids: list[int]  # each instance image's row in ``prompts``
     class_images: tuple[torch.Tensor, torch.Tensor] | None
     class_paths: list[Path]
     class_prompt_ids: list[int]  # each class image's row in ``prompts``
@@ -43,7 +45,10 @@ def prepare_data(
 ) -> TrainingData:
     class_paths: list[Path] = []
     class_images = None
-    texts = [settings.instance_prompt]
+    instance_paths = list_images(settings.instance_data, "instance images")
+    texts = instance_captions(settings, instance_paths)
+    instance_prompt_ids = list(range(len(instance_paths))) if len(texts) > 1 else [0] * len(instance_paths)
+    first_class = len(texts)
     class_prompt_ids: list[int] = []
     if settings.class_prompt or settings.class_data:
         class_dir = Path(settings.class_data).expanduser() if settings.class_data else out / "class_images"
@@ -68,7 +73,7 @@ def prepare_data(
                 f"class images in {class_dir} need a class-prompt or a {CAPTIONS} of captions"
             )
         texts += captions or [settings.class_prompt]
-        class_prompt_ids = list(range(1, 1 + len(class_paths))) if captions else [1] * len(class_paths)
+        class_prompt_ids = [first_class + (i if captions else 0) for i in range(len(class_paths))]
         pixels = torch.stack([to_tensor(square_crop(open_image(p), resolution)) for p in class_paths])
         class_images = encode_images(spec, pixels, settings.batch_size)
     instance = encode_images(spec, load_images(settings.instance_data, resolution), settings.batch_size)
@@ -77,7 +82,33 @@ def prepare_data(
         sampling = spec.encode_prompts(list(settings.sample_prompts) or [settings.instance_prompt])
         negative = spec.encode_prompts([""])
     encoded = spec.encode_prompts(texts)
-    return TrainingData(encoded, instance, class_images, class_paths, class_prompt_ids, sampling, negative)
+    return TrainingData(
+        encoded,
+        instance,
+        instance_prompt_ids,
+        class_images,
+        class_paths,
+        class_prompt_ids,
+        sampling,
+        negative,
+    )
+
+
+def instance_captions(settings, paths: list[Path]) -> list[str]:
+    """The instance prompt, or each image's own caption when the instance folder has a
+    ``metadata.jsonl``: captions that name what varies between the photos (color, place, pose) let the
+    token carry only the subject, which then composes with those words at sampling time."""
+    folder = Path(settings.instance_data).expanduser()
+    captions = read_captions(folder, paths) if folder.is_dir() else None
+    if captions is None:
+        return [settings.instance_prompt]
+    if settings.token is not None:
+        missing = [c for c in captions if not has_token(c, settings.token)]
+        if missing:
+            raise AtomtuneError(
+                f"instance caption {missing[0]!r} in {folder / CAPTIONS} lacks the token {settings.token!r}"
+            )
+    return captions
 
 
 def encode_images(spec: PixArtSpec, pixels: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,14 +141,13 @@ def _fit(
     for step in range(start_step + 1, total + 1):
         index = _batch_indices(step, data.num_instance, settings.batch_size, world, rank, settings.seed)
         mean, std = data.instance[0][index], data.instance[1][index]
-        prompts = data.prompts.select([0] * len(index))
+        prompt_ids = [data.instance_prompt_ids[i] for i in index.tolist()]
+        prompts = data.prompts.select(prompt_ids)
         if data.class_images is not None:
             cindex = torch.randint(0, len(data.class_paths), (len(index),), generator=generator)
             mean = torch.cat([mean, data.class_images[0][cindex]])
             std = torch.cat([std, data.class_images[1][cindex]])
-            prompts = data.prompts.select(
-                [0] * len(index) + [data.class_prompt_ids[i] for i in cindex.tolist()]
-            )
+            prompts = data.prompts.select(prompt_ids + [data.class_prompt_ids[i] for i in cindex.tolist()])
         eps = torch.randn(mean.shape, generator=generator)
         latents = spec.latents(mean, std, eps)
         noise = torch.randn(latents.shape, generator=generator)
@@ -211,6 +210,7 @@ def _fit(
             len(data.class_paths),
             tuned,
             seconds,
+            captioned=len(set(data.instance_prompt_ids)) > 1,
         )
         tuned.save(adapter_dir)
         save_json(summary, adapter_dir / "training.json")
