@@ -45,7 +45,7 @@ class EditBenchSettings:
     selection_digits: tuple[int, ...] = SELECTION_DIGITS  # sources that choose the learning rates
     seeds: tuple[int, ...] = (0, 1, 2)  # training and sampling seed of each report run
     select_seed: int = 100
-    learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    learning_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     steps: int = 60  # 60 epochs of the single image
     num_atoms: int = 66
     atom_budget: int = cz.RECIPE_BUDGET  # atoms kept per module during training; top-k runs k from it to 1

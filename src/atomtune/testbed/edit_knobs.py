@@ -150,5 +150,5 @@ def peft_points(tuned, method: str, scales, ranks) -> tuple[Weights, list[tuple[
         return full, [("rotation", float(t), lambda t=t: rotated[t]) for t in scales]
     points: list[tuple[str, float, Callable]] = []
     points += [("scale", float(s), lambda s=s: scaled(base, full, s)) for s in scales]
-    points += [("rank", float(r), lambda r=r: truncated(base, full, r)) for r in ranks]
+    points += [("rank", int(r), lambda r=r: truncated(base, full, r)) for r in ranks]
     return full, points

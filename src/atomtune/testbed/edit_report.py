@@ -175,7 +175,6 @@ def image_grid(out: Path, source, settings, chosen: dict[str, float]):
     from atomtune.diffusion.images import grid
     from atomtune.testbed.digit_pipeline import to_pil
     from atomtune.testbed.digits import render_batch
-    from atomtune.testbed.judges import extract_glyph
 
     seed = settings.seeds[0]
 
@@ -184,8 +183,7 @@ def image_grid(out: Path, source, settings, chosen: dict[str, float]):
         side = strip.height
         return _hstack([strip.crop((i * side, 0, (i + 1) * side, side)) for i in SHOWN])
 
-    glyph = extract_glyph((source.image[None] + 1) / 2)[0, 0]
-    wanted = render_batch(glyph[None].numpy(), [source.targets[i].attributes for i in SHOWN])
+    wanted = render_batch([source.glyph] * len(SHOWN), [source.targets[i].attributes for i in SHOWN])
     ideal = _hstack(to_pil((wanted + 1) / 2))
     base = cells(out / "runs" / "pretrained" / source.name / f"seed-{seed}" / "images" / "base.png")
     rows, labels = [[ideal]], ["wanted (source glyph)"]
@@ -243,9 +241,11 @@ def markdown(report: dict[str, Any]) -> str:
             + f" | {full[IDENTITY]:.3f} / {full['alignment']:.2f} |"
         )  # fmt: skip
     base = next(iter(report["curves"].values()))[-1]
-    lines.append(
-        f"| pretrained | identity {base[IDENTITY]:.3f}, alignment {base['alignment']:.2f}, P(source) {base['p_source']:.2f} | | | | |"
-    )
+    lines += [
+        "",
+        f"Pretrained model (every curve's end): identity {base[IDENTITY]:.3f}, P(source) "
+        f"{base['p_source']:.2f}, alignment {base['alignment']:.2f}.",
+    ]
     if report["topk_against"]:
         lines += [
             "",

@@ -33,6 +33,7 @@ class Source:
     name: str
     attributes: Attributes
     image: torch.Tensor  # (3, 24, 24) in [-1, 1]
+    glyph: np.ndarray  # the real 8x8 sample, intensity in [0, 1]
     targets: tuple[Target, ...]
 
     @property
@@ -70,8 +71,9 @@ def make_sources(report: tuple[int, ...], selection: tuple[int, ...]) -> tuple[l
         ]
         large = Attributes(digit, color, "large", "in the center")
         targets += [Target("size", large, 0), Target("size", large, 1)]
-        image = render_batch(np.stack([glyphs[digit].pop()]), [attrs])[0]
-        sources.append(Source(f"{split}{index}-{cz.word(digit)}", attrs, image, tuple(targets)))
+        glyph = glyphs[digit].pop()
+        image = render_batch(glyph[None], [attrs])[0]
+        sources.append(Source(f"{split}{index}-{cz.word(digit)}", attrs, image, glyph, tuple(targets)))
     return sources[: len(report)], sources[len(report) :]
 
 
