@@ -95,6 +95,34 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'bench.md'} and bench.json")
 
 
+def _edit_bench(args: argparse.Namespace) -> None:
+    import time
+
+    from atomtune.cli.options import int_list, seed_list
+    from atomtune.testbed.bench import parse_list
+    from atomtune.testbed.edit_bench import EditBenchSettings, run_edit_bench
+    from atomtune.testbed.edit_report import markdown
+
+    given = {
+        "methods": parse_list(args.methods, str) if args.methods else None,
+        "digits": tuple(int_list(args.digits, "--digits")) if args.digits else None,
+        "seeds": tuple(seed_list(args.seeds, "--seeds")) if args.seeds else None,
+        "learning_rates": parse_list(args.learning_rates) if args.learning_rates else None,
+        "steps": args.steps,
+        "num_atoms": args.num_atoms,
+        "atom_budget": args.atom_budget,
+        "sample_steps": args.sample_steps,
+    }
+    settings = EditBenchSettings(**{k: v for k, v in given.items() if v is not None})
+    start = time.perf_counter()
+    report = run_edit_bench(settings, args.out, args.weights, not args.quiet)
+    print(markdown(report))
+    print(
+        f"wrote {Path(args.out) / 'edit_bench.md'}, edit_bench.json, edit_curves.png, edit_grid.png "
+        f"({time.perf_counter() - start:.0f} s wall this call; {report['cpu_seconds']:.0f} s CPU in all runs)"
+    )
+
+
 def _demo(args: argparse.Namespace) -> None:
     from atomtune.testbed.demo import DemoSettings, run_demo
 
@@ -168,6 +196,23 @@ def register(sub) -> None:
     p.add_argument("--no-merge", action="store_true", help="skip the concept + style merge")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_bench)
+
+    p = tb.add_parser(
+        "edit-bench",
+        help="editing on one image: atoms' top-k removal vs random, LoRA/DoRA scale and rank, OFT",
+    )
+    p.add_argument("--out", required=True, help="results folder (a rerun resumes it)")
+    p.add_argument("--methods", help="default: atoms,lora,dora,oft")
+    p.add_argument("--digits", help="one report source per digit (default: 9,2,9,5,9,7)")
+    p.add_argument("--seeds", help="report seeds (default: 0,1,2)")
+    p.add_argument("--learning-rates", help="the grid every method chooses from (default: 1e-4,3e-4,1e-3)")
+    p.add_argument("--steps", type=COUNT, help="training steps on the one image (default: 60)")
+    p.add_argument("--num-atoms", type=COUNT, help="atoms per module (default: 66)")
+    p.add_argument("--atom-budget", type=COUNT, help="atoms kept per module in training (default: 6)")
+    p.add_argument("--sample-steps", type=COUNT, help="sampling steps per drawing (default: 10)")
+    p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_edit_bench)
 
     p = tb.add_parser("preview", help="draw and judge every digit the model was pretrained on")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
