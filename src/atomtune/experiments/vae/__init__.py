@@ -41,6 +41,8 @@ from atomtune.experiments.vae.finetuning import (
     add_atoms,
     add_lora,
     atom_config,
+    finetune_atoms,
+    finetune_lora,
 )
 from atomtune.experiments.vae.judge import DigitJudge, judge_images, train_judge
 from atomtune.experiments.vae.lora_components import LoraStatistics, lora_component_removed, lora_components
@@ -69,6 +71,8 @@ __all__ = [
     "add_atoms",
     "add_lora",
     "atom_config",
+    "finetune_atoms",
+    "finetune_lora",
     "atom_removed",
     "atoms_masked",
     "count_for_share",
