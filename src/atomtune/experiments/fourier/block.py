@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atomtune.core.functional import attention_with_atoms
+from atomtune.core.functional import attention_with_atoms, merge_heads, split_heads
 from atomtune.core.shrinkage import shrink
 from atomtune.experiments.fourier.settings import KINDS, FourierSettings
 
@@ -27,20 +27,28 @@ def positional_encoding(seq_len: int) -> torch.Tensor:
 
 
 class MixingLayer(nn.Module):
-    """Pre-norm multi-head self-attention with a residual connection (no MLP): the layers before the block."""
+    """Pre-norm multi-head self-attention with a residual connection, and a pre-norm MLP of
+    ``mlp_ratio`` times the width if ``mlp_ratio`` > 0: the layers before the block."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 0) -> None:
         super().__init__()
         self.heads = heads
         self.norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
+        self.mlp = None
+        if mlp_ratio:
+            hidden = mlp_ratio * width
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-        return x + self.out(mixed)
+        x = x + self.out(mixed)
+        return x if self.mlp is None else x + self.mlp(x)
 
 
 class FourierBlock(nn.Module):
@@ -67,7 +75,9 @@ class FourierBlock(nn.Module):
         else:
             raw, out = lift.shape[0] + s.seq_len, lift.shape[0]
             self.register_buffer("position", positional_encoding(s.seq_len))
-            self.mixing = nn.ModuleList(MixingLayer(c, s.mixing_heads) for _ in range(s.mixing_layers))
+            self.mixing = nn.ModuleList(
+                MixingLayer(c, s.mixing_heads, s.mixing_mlp_ratio) for _ in range(s.mixing_layers)
+            )
         self.W_in = nn.Parameter(torch.randn(raw, c) / math.sqrt(raw))
         # Small q/k weights: attention starts uniform, so the sum over tokens starts as a plain average.
         self.W_q = nn.Parameter(torch.randn(c, c) * 0.02)
@@ -105,19 +115,28 @@ class FourierBlock(nn.Module):
         return h
 
     def attention_inputs(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``q, k, X`` as (B, 1, tokens, width): one head."""
-        X = self.tokens(x, mask)[:, None]
-        return X @ self.W_q, X @ self.W_k, X
+        """``q, k`` as (B, heads, tokens, width / heads) and the tokens ``X`` as (B, tokens, width)."""
+        X = self.tokens(x, mask)
+        heads = self.settings.block_heads
+        return split_heads(X @ self.W_q, heads), split_heads(X @ self.W_k, heads), X
 
     def coefficients(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-token coefficients (B, tokens, atoms): ``A·X`` (dense) or ``σ_λ(A·X·W_s)`` (sparse)."""
+        """Per-token coefficients (B, tokens, atoms): ``A·X`` (dense) or ``σ_λ(A·X·W_s)`` (sparse).
+
+        With several heads (``block_heads``) head h attends with its own map ``A_h``: dense, over its
+        share of X's channels (``concat_h A_h·X_h``, multi-head attention whose output projection is
+        ``W_v``); sparse, over its share of the atoms (``σ_λ(concat_h A_h·X·W_s^h)``, the core's
+        attention mode).
+        """
         q, k, X = self.attention_inputs(x, mask)
+        heads = self.settings.block_heads
+        v = split_heads(X, heads)
         if self.kind == "dense":
-            return F.scaled_dot_product_attention(q, k, X)[:, 0]
+            return merge_heads(F.scaled_dot_product_attention(q, k, v))
         # The core's kernel; two calls (fused=False) because on CPU the zero padding of the fused path
         # costs more than the second call at these sizes. Both paths are held equal by the core's tests.
-        _, z = attention_with_atoms(q, k, X, X @ self.W_s, fused=False)
-        return shrink(z[:, 0], self.settings.shrinkage, lam=self.lam.abs(), k=self.settings.topk)
+        _, z = attention_with_atoms(q, k, v, split_heads(X @ self.W_s, heads), fused=False)
+        return shrink(merge_heads(z), self.settings.shrinkage, lam=self.lam.abs(), k=self.settings.topk)
 
     def contributions(self, S: torch.Tensor) -> torch.Tensor:
         """Each atom's contribution to each signal, (B, atoms, T); summed over atoms it is the output.
