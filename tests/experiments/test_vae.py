@@ -193,7 +193,7 @@ def test_budget_fine_tune_cuts_to_the_budget_and_prunes():
     seen = []
     _, atoms, losses = finetune_atoms(vae, s, images, s.atom_budget, progress=False)
     assert len(losses) == 8
-    for name, a in atoms.atoms().items():
+    for a in atoms.atoms().values():
         live = a.mask != 0
         seen.append(int(live.sum()))
         assert a.atom_ids[live].unique().numel() == int(live.sum())  # the kept atoms' original ids

@@ -27,28 +27,20 @@ def positional_encoding(seq_len: int) -> torch.Tensor:
 
 
 class MixingLayer(nn.Module):
-    """Pre-norm multi-head self-attention with a residual connection, and a pre-norm MLP of
-    ``mlp_ratio`` times the width if ``mlp_ratio`` > 0: the layers before the block."""
+    """Pre-norm multi-head self-attention with a residual connection (no MLP): the layers before the block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 0) -> None:
+    def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
-        self.mlp = None
-        if mlp_ratio:
-            hidden = mlp_ratio * width
-            self.mlp = nn.Sequential(
-                nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-        x = x + self.out(mixed)
-        return x if self.mlp is None else x + self.mlp(x)
+        return x + self.out(mixed)
 
 
 class FourierBlock(nn.Module):
@@ -75,9 +67,7 @@ class FourierBlock(nn.Module):
         else:
             raw, out = lift.shape[0] + s.seq_len, lift.shape[0]
             self.register_buffer("position", positional_encoding(s.seq_len))
-            self.mixing = nn.ModuleList(
-                MixingLayer(c, s.mixing_heads, s.mixing_mlp_ratio) for _ in range(s.mixing_layers)
-            )
+            self.mixing = nn.ModuleList(MixingLayer(c, s.mixing_heads) for _ in range(s.mixing_layers))
         self.W_in = nn.Parameter(torch.randn(raw, c) / math.sqrt(raw))
         # Small q/k weights: attention starts uniform, so the sum over tokens starts as a plain average.
         self.W_q = nn.Parameter(torch.randn(c, c) * 0.02)

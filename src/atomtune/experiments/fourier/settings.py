@@ -35,7 +35,6 @@ class FourierSettings:
     lift_dim: int = 64  # the frozen lift 1-D → lift_dim (the number of tokens in the "lifted" layout)
     mixing_layers: int = 2  # "positions" only: attention layers before the block (see the docstring)
     mixing_heads: int = 4
-    mixing_mlp_ratio: int = 0  # "positions" only: an MLP of this times the width after each mixing layer
     feature_dim: int = 128  # block width: q, k, and the input of W_v and W_s
     block_heads: int = 1  # attention heads of the block itself (see FourierBlock.coefficients)
     num_atoms: int = 128  # atoms of the sparse block (the dense block has feature_dim rows in W_v)
