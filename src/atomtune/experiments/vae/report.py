@@ -31,9 +31,9 @@ METHOD_LABELS = {
 def method_label(r: dict[str, Any], key: str) -> str:
     """A row's name in the tables: the budget's size and the small LoRA's rank written out."""
     if key == "atoms_budget":
-        return f"atoms cut to {r[key]['atom_budget']} per module"
+        return f"atoms cut to {r['settings']['atom_budget']} per module"
     if key == "lora_budget":
-        return f"LoRA rank {r[key]['rank']}"
+        return f"LoRA rank {r['settings']['budget_lora_rank']}"
     return METHOD_LABELS[key]
 
 

@@ -20,11 +20,11 @@ from atomtune.experiments.vae.judge import judge_images, train_judge
 from atomtune.experiments.vae.measures import measure_atoms, measure_lora
 from atomtune.experiments.vae.model import TransformerVAE
 from atomtune.experiments.vae.report import (
-    METHOD_LABELS,
     atom_removal_rows,
     figure_png,
     lora_removal_rows,
     markdown_report,
+    method_label,
 )
 from atomtune.experiments.vae.settings import VaeSettings
 from atomtune.experiments.vae.training import train
@@ -121,10 +121,10 @@ def run_vae(settings: VaeSettings, out_dir: Path, progress: bool = True) -> dict
     k = min(s.figure_samples, s.samples)
     rows = [(f"pretrained ({s.old_digit})", base_images[:k])]
     for key, (model, handle) in tuned.items():
-        rows.append((METHOD_LABELS[key], result[key]["_full"][:k]))
+        rows.append((method_label(result, key), result[key]["_full"][:k]))
         rows += atom_removal_rows(lambda m=model: m.generate(z[:k]), handle, result[key], s)
     for key, model in loras.items():
-        rows.append((METHOD_LABELS[key], result[key]["_full"][:k]))
+        rows.append((method_label(result, key), result[key]["_full"][:k]))
         rows += lora_removal_rows(model, lambda m=model: m.generate(z[:k]), result[key], s)
     png = figure_png(rows)
     for key in (*tuned, *loras):
