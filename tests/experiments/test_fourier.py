@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from atomtune.core.functional import naive_attention
 from atomtune.core.shrinkage import shrink
 from atomtune.experiments.fourier import (
     FourierBlock,
@@ -34,19 +33,16 @@ def fast_run(tmp_path_factory):
 def test_positions_layout_fast_setting(tmp_path):
     """The paper's layout (a token per sample, mixing layers first) in its fast setting (500 steps).
 
-    Measured: masked NMSE dense 0.297, sparse 0.303, best linear map 0.306: both blocks learn the
-    task as far as the linear map, not beyond it, at 500 steps; the sparse block's codes are sparse
-    and a signal needs about 2 of its atoms (one atom's curve over the samples can carry a signal).
+    Measured: masked NMSE dense 0.297, sparse 0.303, best linear map 0.306: both blocks beat the
+    linear map, by 1-3% only, at 500 steps (not the 0.05 aimed at); the sparse block's codes are
+    sparse and a signal needs about 2 of its atoms (one atom's curve over the samples can carry a
+    signal).
     """
     r = run_fourier(FourierSettings.fast(seed=0, layout="positions"), tmp_path, progress=False)
     assert r["settings"]["layout"] == "positions"
     for kind in ("dense", "sparse"):
         assert r[kind]["masked_nmse"] < 0.7  # predicting zero scores 1.0
-        assert r[kind]["masked_nmse"] < 1.1 * r["linear_nmse"], (
-            kind,
-            r[kind]["masked_nmse"],
-            r["linear_nmse"],
-        )
+        assert r[kind]["masked_nmse"] < r["linear_nmse"], (kind, r[kind]["masked_nmse"], r["linear_nmse"])
     assert 1 <= r["sparse"]["atoms_needed_mean"] <= r["sparse"]["atoms_total"]
     assert r["sparse"]["nonzero_coefficients_fraction"] < 0.5 < r["dense"]["nonzero_coefficients_fraction"]
     assert r["sparse"]["atoms_needed_mean"] < r["dense"]["atoms_needed_mean"]
@@ -133,10 +129,22 @@ def test_signals_follow_the_paper():
     assert len({tuple(row.nonzero().flatten().tolist()) for row in energy > 0.1}) > 32
 
 
+def per_head_reference(q, k, V, heads):
+    """``concat_h softmax(q_h·k_hᵀ/√d)·V_h`` in float64, head by head, V's channels split evenly."""
+    q, k, V = q.double(), k.double(), V.double()
+    width = V.shape[-1] // heads
+    out = []
+    for h in range(heads):
+        A = torch.softmax(q[:, h] @ k[:, h].transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        out.append(A @ V[..., h * width : (h + 1) * width])
+    return torch.cat(out, dim=-1)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
 @pytest.mark.parametrize("layout", ["positions", "lifted"])
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
-def test_block_matches_the_explicit_attention_map(kind, layout):
-    s = FourierSettings(layout=layout)
+def test_block_matches_the_explicit_attention_map(kind, layout, heads):
+    s = FourierSettings(layout=layout, block_heads=heads)
     torch.manual_seed(1)
     block = FourierBlock(kind, s, torch.randn(s.lift_dim))
     with torch.no_grad():  # a trained-looking attention map, not the near-uniform one of the init
@@ -146,10 +154,11 @@ def test_block_matches_the_explicit_attention_map(kind, layout):
     with torch.no_grad():
         S = block.coefficients(x, mask)
         q, k, X = block.attention_inputs(x, mask)
+        assert q.shape[1] == heads and X.shape[-1] == s.feature_dim
         if kind == "dense":
-            ref = naive_attention(q, k, X)[:, 0]
+            ref = per_head_reference(q, k, X, heads)
         else:
-            z = naive_attention(q, k, X @ block.W_s)[:, 0]
+            z = per_head_reference(q, k, X @ block.W_s, heads)
             ref = shrink(z, "soft", lam=block.lam.abs().double())
         y, _, _ = block(x, mask)
         contrib = block.contributions(S)

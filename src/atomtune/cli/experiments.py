@@ -49,12 +49,24 @@ def _vae(args: argparse.Namespace) -> None:
         settings = settings.replace(images_per_class=1000)  # keeps MNIST's run in minutes
     if args.images_per_class is not None:
         settings = settings.replace(images_per_class=args.images_per_class)
+    for name in ("atom_budget", "budget_lora_rank"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 0:
+                raise AtomtuneError(f"--{name.replace('_', '-')} must be >= 0 (0 skips that fine-tune)")
+            settings = settings.replace(**{name: value or None})
     settings.validate()
     r = run_vae(settings, Path(args.out), progress=not args.quiet)
     new = settings.new_digit
     print(
         f"P({new}) of generated digits: pretrained {r['pretrained']['p_new']:.3f}, "
-        f"atoms {r['atoms']['p_new']:.3f}, LoRA {r['lora']['p_new']:.3f}; "
+        f"atoms {r['atoms']['p_new']:.3f}, LoRA {r['lora']['p_new']:.3f}"
+        + (
+            f", atoms cut to {settings.atom_budget} {r['atoms_budget']['p_new']:.3f}"
+            if "atoms_budget" in r
+            else ""
+        )
+        + "; "
         f"zero coefficients {r['atoms']['zero_coefficient_share']:.3f}; {r['seconds']['total']:.0f}s"
     )
     print(
@@ -92,6 +104,18 @@ def register(sub) -> None:
     p.add_argument("--old-digit", type=int, default=8, help="the digit pretrained on (default: %(default)s)")
     p.add_argument("--new-digit", type=int, default=3, help="the digit fine-tuned to (default: %(default)s)")
     p.add_argument("--images-per-class", type=int, default=None, help="cap per class (mnist-idx: 1000)")
+    p.add_argument(
+        "--atom-budget",
+        type=int,
+        default=None,
+        help="atoms kept per module by the dense-then-prune fine-tune (default: 8; 0 skips it)",
+    )
+    p.add_argument(
+        "--budget-lora-rank",
+        type=int,
+        default=None,
+        help="rank of the LoRA compared with the pruned atoms (default: 2; 0 skips it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="the test suite's setting: seconds, not minutes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atomtune.core.functional import attention_with_atoms
+from atomtune.core.functional import attention_with_atoms, merge_heads, split_heads
 from atomtune.core.shrinkage import shrink
 from atomtune.experiments.fourier.settings import KINDS, FourierSettings
 
@@ -105,19 +105,28 @@ class FourierBlock(nn.Module):
         return h
 
     def attention_inputs(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``q, k, X`` as (B, 1, tokens, width): one head."""
-        X = self.tokens(x, mask)[:, None]
-        return X @ self.W_q, X @ self.W_k, X
+        """``q, k`` as (B, heads, tokens, width / heads) and the tokens ``X`` as (B, tokens, width)."""
+        X = self.tokens(x, mask)
+        heads = self.settings.block_heads
+        return split_heads(X @ self.W_q, heads), split_heads(X @ self.W_k, heads), X
 
     def coefficients(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-token coefficients (B, tokens, atoms): ``A·X`` (dense) or ``σ_λ(A·X·W_s)`` (sparse)."""
+        """Per-token coefficients (B, tokens, atoms): ``A·X`` (dense) or ``σ_λ(A·X·W_s)`` (sparse).
+
+        With several heads (``block_heads``) head h attends with its own map ``A_h``: dense, over its
+        share of X's channels (``concat_h A_h·X_h``, multi-head attention whose output projection is
+        ``W_v``); sparse, over its share of the atoms (``σ_λ(concat_h A_h·X·W_s^h)``, the core's
+        attention mode).
+        """
         q, k, X = self.attention_inputs(x, mask)
+        heads = self.settings.block_heads
+        v = split_heads(X, heads)
         if self.kind == "dense":
-            return F.scaled_dot_product_attention(q, k, X)[:, 0]
+            return merge_heads(F.scaled_dot_product_attention(q, k, v))
         # The core's kernel; two calls (fused=False) because on CPU the zero padding of the fused path
         # costs more than the second call at these sizes. Both paths are held equal by the core's tests.
-        _, z = attention_with_atoms(q, k, X, X @ self.W_s, fused=False)
-        return shrink(z[:, 0], self.settings.shrinkage, lam=self.lam.abs(), k=self.settings.topk)
+        _, z = attention_with_atoms(q, k, v, split_heads(X @ self.W_s, heads), fused=False)
+        return shrink(merge_heads(z), self.settings.shrinkage, lam=self.lam.abs(), k=self.settings.topk)
 
     def contributions(self, S: torch.Tensor) -> torch.Tensor:
         """Each atom's contribution to each signal, (B, atoms, T); summed over atoms it is the output.

@@ -36,6 +36,7 @@ class FourierSettings:
     mixing_layers: int = 2  # "positions" only: attention layers before the block (see the docstring)
     mixing_heads: int = 4
     feature_dim: int = 128  # block width: q, k, and the input of W_v and W_s
+    block_heads: int = 1  # attention heads of the block itself (see FourierBlock.coefficients)
     num_atoms: int = 128  # atoms of the sparse block (the dense block has feature_dim rows in W_v)
     shrinkage: str = "soft"  # "soft", "relu" or "topk" (atomtune.core.shrinkage)
     topk: int = 8  # only for shrinkage="topk"
@@ -62,6 +63,8 @@ class FourierSettings:
             raise AtomtuneError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.layout == "positions" and self.feature_dim % self.mixing_heads:
             raise AtomtuneError("mixing_heads must divide feature_dim")
+        if self.feature_dim % self.block_heads or self.num_atoms % self.block_heads:
+            raise AtomtuneError("block_heads must divide feature_dim and num_atoms")
 
     @classmethod
     def for_layout(cls, seed: int = 0, layout: str = "lifted") -> FourierSettings:

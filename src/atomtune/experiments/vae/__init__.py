@@ -19,6 +19,10 @@ Steps:
    loss + ``atoms.regularization_loss()``) and LoRA (PEFT ``LoraConfig`` on ``to_q``, ``to_k``,
    ``to_v``, ``to_out.0`` of the same four modules, rank ``lora_rank``). 32 atoms cost
    32·(128 + 128 + 1) = 8224 parameters per module, LoRA rank 8 on four 128x128 projections 8192.
+   Then at a smaller budget: atoms with the core's dense-then-prune recipe (``AtomConfig.atom_budget``
+   = ``atom_budget``, applied by ``core.budget.AtomBudgetRun`` as the training workflow applies it:
+   cuts to the atoms of largest contribution, the learning rate raised for the survivors, the
+   adapter pruned at the end), and LoRA of rank ``budget_lora_rank`` (8 atoms ≈ rank 2).
 3. Measure generation from the prior (``z ~ N(0, I)``, the same ``z`` for every model) with a digit
    judge: a small CNN trained here on the real digits of all ten classes (train split), its accuracy
    on the held-out split reported. P(new) is its mean probability of the new digit.
@@ -41,6 +45,8 @@ from atomtune.experiments.vae.finetuning import (
     add_atoms,
     add_lora,
     atom_config,
+    finetune_atoms,
+    finetune_lora,
 )
 from atomtune.experiments.vae.judge import DigitJudge, judge_images, train_judge
 from atomtune.experiments.vae.lora_components import LoraStatistics, lora_component_removed, lora_components
@@ -72,6 +78,8 @@ __all__ = [
     "atom_removed",
     "atoms_masked",
     "count_for_share",
+    "finetune_atoms",
+    "finetune_lora",
     "judge_images",
     "lora_component_removed",
     "lora_components",

@@ -92,8 +92,10 @@ def measure_atoms(
     full = observe_generation(vae, stats, new_images, z)
     contribution = stats.contribution()
     all_atoms = atoms.atoms()
-    nonzero = sum(float(stats.nonzero[n].sum()) for n in stats.nonzero)
-    total = sum(stats.tokens[n] * all_atoms[n].num_atoms for n in stats.tokens)
+    # Over live atoms: a pruned adapter keeps as many slots per head, the spare ones masked.
+    live = {n: all_atoms[n].mask.detach().cpu() != 0 for n in stats.tokens}
+    nonzero = sum(float(stats.nonzero[n].cpu()[live[n]].sum()) for n in stats.tokens)
+    total = sum(stats.tokens[n] * int(live[n].sum()) for n in stats.tokens)
     counts = count_for_share(contribution, s.share)
     report = stats.report()
     removals = []
@@ -111,9 +113,9 @@ def measure_atoms(
     return {
         **judge_images(judge, full, s),
         "trainable_parameters": atoms.num_trainable_parameters(),
-        "zero_coefficient_share": 1 - nonzero / total,
+        "zero_coefficient_share": 1 - nonzero / max(total, 1),
         "active_atoms_per_token": {n: float(stats.frequency()[n].sum()) for n in stats.tokens},
-        "components_per_layer": {n: all_atoms[n].num_atoms for n in contribution},
+        "components_per_layer": {n: int(live[n].sum()) for n in contribution},
         "components_for_share": counts,
         "contribution": {n: report[n]["contribution"] for n in report},
         "component_ids": {n: report[n]["atom_ids"] for n in report},

@@ -20,6 +20,22 @@ from atomtune.experiments.vae.measures import atom_removed
 from atomtune.experiments.vae.model import TransformerVAE
 from atomtune.experiments.vae.settings import VaeSettings
 
+METHOD_LABELS = {
+    "atoms": "atoms",
+    "atoms_budget": "atoms, budget",
+    "lora": "LoRA",
+    "lora_budget": "LoRA, small rank",
+}
+
+
+def method_label(r: dict[str, Any], key: str) -> str:
+    """A row's name in the tables: the budget's size and the small LoRA's rank written out."""
+    if key == "atoms_budget":
+        return f"atoms cut to {r['settings']['atom_budget']} per module"
+    if key == "lora_budget":
+        return f"LoRA rank {r['settings']['budget_lora_rank']}"
+    return METHOD_LABELS[key]
+
 
 def figure_png(rows: list[tuple[str, torch.Tensor]]) -> bytes:
     """One row of decoded samples per (label, images (n, 1, 28, 28))."""
@@ -61,13 +77,14 @@ def markdown_report(r: dict[str, Any]) -> str:
     lines.append(
         f"| pretrained on {old} | 0 | {p['p_new']:.3f} | {p['share_judged_new']:.2f} | {p['p_old']:.3f} | – | – |"
     )
-    for key, label in (("atoms", "atoms"), ("lora", "LoRA")):
-        m = r[key]
+    methods = [key for key in METHOD_LABELS if key in r]
+    for key in methods:
+        m, label = r[key], method_label(r, key)
         counts = ", ".join(f"{n.replace('.attn', '')} {c}" for n, c in m["components_for_share"].items())
         per = sorted(set(m["components_per_layer"].values()))
         zero = f"{m['zero_coefficient_share']:.3f}" if "zero_coefficient_share" in m else "– (dense)"
         lines.append(
-            f"| {label} | {m['trainable_parameters']} | {m['p_new']:.3f} | {m['share_judged_new']:.2f} | "
+            f"| {label} | {m.get('live_parameters', m['trainable_parameters'])} | {m['p_new']:.3f} | {m['share_judged_new']:.2f} | "
             f"{m['p_old']:.3f} | {zero} | {counts} (of {'/'.join(map(str, per))}) |"
         )
     lines += [
@@ -77,7 +94,8 @@ def markdown_report(r: dict[str, Any]) -> str:
     ]
     lines += ["| method | removed | P(" + str(new) + ") | judged " + str(new) + " | mean abs pixel change |"]
     lines += ["|---|---|---|---|---|"]
-    for key, label in (("atoms", "atoms"), ("lora", "LoRA")):
+    for key in methods:
+        label = method_label(r, key)
         for e in r[key]["removal"]:
             lines.append(
                 f"| {label} | {e['removed']} | {e['p_new']:.3f} | {e['share_judged_new']:.2f} | "

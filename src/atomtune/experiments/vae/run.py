@@ -4,7 +4,6 @@ measure both, and write ``vae.json``, ``vae.md`` and ``vae.png`` atomically.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict
@@ -16,11 +15,17 @@ import torch
 from atomtune.errors import AtomtuneError
 from atomtune.experiments.digit_data import load_digit_images, split_per_class
 from atomtune.experiments.run_record import environment, final_loss
-from atomtune.experiments.vae.finetuning import add_atoms, add_lora
+from atomtune.experiments.vae.finetuning import finetune_atoms, finetune_lora
 from atomtune.experiments.vae.judge import judge_images, train_judge
 from atomtune.experiments.vae.measures import measure_atoms, measure_lora
 from atomtune.experiments.vae.model import TransformerVAE
-from atomtune.experiments.vae.report import atom_removal_rows, figure_png, lora_removal_rows, markdown_report
+from atomtune.experiments.vae.report import (
+    atom_removal_rows,
+    figure_png,
+    lora_removal_rows,
+    markdown_report,
+    method_label,
+)
 from atomtune.experiments.vae.settings import VaeSettings
 from atomtune.experiments.vae.training import train
 from atomtune.io import atomic_write
@@ -30,7 +35,9 @@ def run_vae(settings: VaeSettings, out_dir: Path, progress: bool = True) -> dict
     """Pretrain, fine-tune with atoms and with LoRA, measure; write ``vae.json``, ``vae.md``, ``vae.png``.
 
     Returns the dict written to ``vae.json``: ``settings``, ``data``, ``judge``, ``pretrained``,
-    ``atoms``, ``lora`` (see ``measure_atoms`` / ``measure_lora``), ``seconds`` per stage and in all.
+    ``atoms``, ``lora`` (see ``measure_atoms`` / ``measure_lora``), ``atoms_budget`` (atoms cut to
+    ``s.atom_budget`` per module during fine-tuning, if set) and ``lora_budget`` (LoRA of rank
+    ``s.budget_lora_rank``, if set), ``seconds`` per stage and in all.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     s = settings
@@ -75,36 +82,52 @@ def run_vae(settings: VaeSettings, out_dir: Path, progress: bool = True) -> dict
     }
 
     t0 = time.perf_counter()
-    atom_vae = copy.deepcopy(vae)
-    atoms = add_atoms(atom_vae, s)
-    atom_vae.train()
-
-    def atom_loss(x: torch.Tensor) -> torch.Tensor:
-        return atom_vae.loss(x) + atoms.regularization_loss()
-
-    losses = train(
-        atom_loss, atoms.trainable_parameters(), new_images, s, s.finetune_steps, "atoms", progress
-    )
+    atom_vae, atoms, losses = finetune_atoms(vae, s, new_images, None, progress)
     seconds["atoms"] = time.perf_counter() - t0
     result["atoms"] = measure_atoms(atom_vae, atoms, new_images, z, judge, s) | {
         "final_loss": final_loss(losses)
     }
+    tuned = {"atoms": (atom_vae, atoms)}
+    if s.atom_budget is not None:
+        t0 = time.perf_counter()
+        budget_vae, budget_atoms, losses = finetune_atoms(vae, s, new_images, s.atom_budget, progress)
+        seconds["atoms_budget"] = time.perf_counter() - t0
+        live = {n: int((a.mask != 0).sum()) for n, a in budget_atoms.atoms().items()}
+        result["atoms_budget"] = measure_atoms(budget_vae, budget_atoms, new_images, z, judge, s) | {
+            "final_loss": final_loss(losses),
+            "atom_budget": s.atom_budget,
+            "live_atoms": live,
+            "live_parameters": sum(
+                live[n] * (a.W_s.shape[0] + a.D.shape[1] + 1) for n, a in budget_atoms.atoms().items()
+            ),
+        }
+        tuned["atoms_budget"] = (budget_vae, budget_atoms)
 
     t0 = time.perf_counter()
-    lora_vae = add_lora(copy.deepcopy(vae), s)
-    lora_vae.train()
-    params = [p for p in lora_vae.parameters() if p.requires_grad]
-    losses = train(lora_vae.loss, params, new_images, s, s.finetune_steps, "lora", progress)
+    lora_vae, losses = finetune_lora(vae, s, new_images, s.lora_rank, progress)
     seconds["lora"] = time.perf_counter() - t0
     result["lora"] = measure_lora(lora_vae, new_images, z, judge, s) | {"final_loss": final_loss(losses)}
+    loras = {"lora": lora_vae}
+    if s.budget_lora_rank is not None:
+        t0 = time.perf_counter()
+        small_vae, losses = finetune_lora(vae, s, new_images, s.budget_lora_rank, progress)
+        seconds["lora_budget"] = time.perf_counter() - t0
+        result["lora_budget"] = measure_lora(small_vae, new_images, z, judge, s) | {
+            "final_loss": final_loss(losses),
+            "rank": s.budget_lora_rank,
+        }
+        loras["lora_budget"] = small_vae
 
     k = min(s.figure_samples, s.samples)
-    rows = [(f"pretrained ({s.old_digit})", base_images[:k]), ("atoms", result["atoms"]["_full"][:k])]
-    rows += atom_removal_rows(lambda: atom_vae.generate(z[:k]), atoms, result["atoms"], s)
-    rows.append(("LoRA", result["lora"]["_full"][:k]))
-    rows += lora_removal_rows(lora_vae, lambda: lora_vae.generate(z[:k]), result["lora"], s)
+    rows = [(f"pretrained ({s.old_digit})", base_images[:k])]
+    for key, (model, handle) in tuned.items():
+        rows.append((method_label(result, key), result[key]["_full"][:k]))
+        rows += atom_removal_rows(lambda m=model: m.generate(z[:k]), handle, result[key], s)
+    for key, model in loras.items():
+        rows.append((method_label(result, key), result[key]["_full"][:k]))
+        rows += lora_removal_rows(model, lambda m=model: m.generate(z[:k]), result[key], s)
     png = figure_png(rows)
-    for key in ("atoms", "lora"):
+    for key in (*tuned, *loras):
         del result[key]["_full"]
     seconds["total"] = time.perf_counter() - start
     seconds["cpu_total"] = time.process_time() - cpu_start  # all threads; wall time varies with load

@@ -40,8 +40,13 @@ class VaeSettings:
     num_atoms: int = 32  # per attention module (8 per head)
     sparsity_weight: float | None = None  # None: AtomConfig's default
     lambda_init: float | None = None
+    # The core's dense-then-prune recipe: a second atoms fine-tune, num_atoms cut to this many per
+    # module during training (AtomConfig.atom_budget); None skips it. 8 atoms cost 8·257 = 2056
+    # parameters per module, LoRA of rank 2 on the four projections 2048 (budget_lora_rank).
+    atom_budget: int | None = 8
     # LoRA at the same budget
     lora_rank: int = 8
+    budget_lora_rank: int | None = 2  # LoRA at the pruned atoms' budget; None skips it
     # judge
     judge_steps: int = 400
     # measures
@@ -75,3 +80,11 @@ class VaeSettings:
         for name in ("pretrain_steps", "finetune_steps", "judge_steps", "samples", "lora_rank", "batch_size"):
             if getattr(self, name) < 1:
                 raise AtomtuneError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("atom_budget", "budget_lora_rank"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise AtomtuneError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.atom_budget is not None and self.atom_budget >= self.num_atoms:
+            raise AtomtuneError(
+                f"atom_budget must be below num_atoms ({self.num_atoms}), got {self.atom_budget}"
+            )
