@@ -14,7 +14,7 @@ def training_record(settings, pretrained, resolution, steps, history, n_instance
         "atomtune_version": __version__,
         "base_model": pretrained,
         "method": settings.method,
-        "method_description": settings.method_config().describe(),
+        "method_description": settings.method_config().describe(tuned.target_modules),
         "trainable_parameters": tuned.num_trainable_parameters(),
         "instance_data": str(settings.instance_data),
         "instance_images": n_instance,
