@@ -183,3 +183,24 @@ def test_adapted_pipeline_at_step_0_is_the_pretrained_one(host, method):
     adapted_pred, adapted_image = outputs()
     torch.testing.assert_close(adapted_pred, pred, atol=1e-6, rtol=0)
     assert _diff(adapted_image, image) <= 1
+
+
+def test_readme_host_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    """The Hosts section's commands, verbatim (the DreamBooth folder resolved), from a scratch folder."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### The workflows on SD3, Flux and Sana", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```console\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    commands = [shlex.split(line[2:]) for line in block.splitlines() if line.startswith("$ atomtune ")]
+    assert {c[c.index("--pretrained") + 1] for c in commands} == set(HOSTS)
+    data = dreambooth_images(tmp_path / "data" / "dog", "dog", 3).parent
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        argv = [a.replace("$DATA", str(data)) for a in argv[1:]]
+        assert main([*argv, "--quiet"]) == 0, argv
+    capsys.readouterr()
+    for path in ("out/sd3/grid.png", "out/flux/grid.png", "out/sana-atoms/sweep.png"):
+        assert (tmp_path / path).is_file(), path

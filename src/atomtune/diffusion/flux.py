@@ -63,7 +63,7 @@ class FluxSpec(FlowMatchingSpec):
         image_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
         text_ids = torch.zeros(prompts.embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         guidance = None
-        if model.config.guidance_embeds:
+        if self.pipe.transformer.config.guidance_embeds:  # (``model`` may be a DDP wrapper)
             guidance = torch.full((b,), self.train_guidance, device=noisy.device, dtype=torch.float32)
         out = model(
             hidden_states=self.pack(noisy),

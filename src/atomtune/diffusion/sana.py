@@ -46,7 +46,7 @@ class SanaSpec(FlowMatchingSpec):
             hidden_states=noisy,
             encoder_hidden_states=prompts.embeds,
             encoder_attention_mask=prompts.mask,
-            timestep=timesteps * model.config.timestep_scale,
+            timestep=timesteps * self.pipe.transformer.config.timestep_scale,
             return_dict=False,
         )[0]
         return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * noisy.shape[1] else out
