@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from atomtune.diffusion.pipeline import load_pipeline
+from atomtune.diffusion.pipeline import load_pipeline, load_transformer
 from atomtune.diffusion.spec import register_spec, spec_for, supported_pipelines
 from atomtune.errors import AtomtuneError
 from diffusion_helpers import one_thread
@@ -101,6 +101,24 @@ def test_tiny_host_pipeline_is_deterministic_and_loads_back_from_a_folder(host, 
     again.save_pretrained(tmp_path / host)
     loaded = load_pipeline(str(tmp_path / host), device="cpu")
     assert type(loaded) is type(again) and np.array_equal(_image(loaded), a)
+    transformer = load_transformer(str(tmp_path / host), device="cpu")  # what merge loads
+    assert type(transformer) is type(again.transformer)
+    weights = again.transformer.state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in transformer.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "hub_id",
+    [
+        "stabilityai/stable-diffusion-3.5-medium",
+        "black-forest-labs/FLUX.1-dev",
+        "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+    ],
+)
+def test_a_real_host_not_in_the_cache_says_how_to_get_it(hub_id):
+    with pytest.raises(AtomtuneError) as exc:
+        load_pipeline(hub_id, device="cpu", local_files_only=True)
+    assert f"could not load '{hub_id}'" in str(exc.value) and "--pretrained DIR" in str(exc.value)
 
 
 @pytest.mark.parametrize("host", HOSTS)
