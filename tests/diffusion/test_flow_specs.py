@@ -139,3 +139,25 @@ def test_flux_packs_2x2_latent_patches_into_tokens_with_their_positions(pipes):
             assert torch.equal(tokens[:, i * 4 + j], patch)
     ids = spec.pipe._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32)
     assert ids[4 + 3].tolist() == [0, 1, 3]  # the same token's position: (0, row, column)
+
+
+def test_flux_dev_gets_the_guidance_input_in_training_and_sampling():
+    """A guidance-distilled Flux (dev: ``guidance_embeds``) reads the guidance scale as an input: the
+    training call passes the script's 3.5, the sampler the scale asked for."""
+    from diffusers import FluxTransformer2DModel
+
+    pipe = load_pipeline("tiny-flux", device="cpu")
+    config = dict(pipe.transformer.config)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    pipe.transformer = FluxTransformer2DModel(**{**config, "guidance_embeds": True}).eval()
+    spec = spec_for(pipe)
+    prompts = spec.encode_prompts(["a sks dog"])
+    noisy, timesteps = torch.randn(1, 1, 8, 8), torch.tensor([500.0])
+    with torch.no_grad():
+        a = spec.predict_noise(pipe.transformer, noisy, timesteps, prompts)
+        spec.train_guidance = 1.0
+        b = spec.predict_noise(pipe.transformer, noisy, timesteps, prompts)
+    assert a.shape == noisy.shape and not torch.allclose(a, b)
+    images = [np.asarray(spec.generate(prompts, prompts, 0, 2, g, 32, 32)) for g in (1.0, 3.5, 3.5)]
+    assert np.array_equal(images[1], images[2]) and not np.array_equal(images[0], images[1])
