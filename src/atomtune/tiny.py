@@ -82,13 +82,13 @@ def tiny_causal_lm(kind: str = "llama", seed: int = 0):
 
 
 # -- the other DiT hosts at tiny sizes (SD3/SD3.5, Flux, Sana), with inputs for one forward --------
-def tiny_sd3(seed: int = 0):
+def tiny_sd3(seed: int = 0, dtype: torch.dtype = torch.float64):
     """SD3.5-shaped: 2 joint blocks, block 0 with the dual image-only ``attn2``, per-head RMS QK-norm;
     the last block is ``context_pre_only`` (its text output is not projected)."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(
+    model = SD3Transformer2DModel(
         sample_size=8,
         patch_size=1,
         in_channels=4,
@@ -102,7 +102,8 @@ def tiny_sd3(seed: int = 0):
         pos_embed_max_size=16,
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
-    ).double()
+    )
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def sd3_inputs(batch: int = 2, seed: int = 1) -> dict:
@@ -115,12 +116,12 @@ def sd3_inputs(batch: int = 2, seed: int = 1) -> dict:
     }
 
 
-def tiny_flux(seed: int = 0):
+def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float64):
     """Flux-shaped: one double (joint, two-stream) block and one single (pre-only) block, RoPE."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(
+    model = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4,
         num_layers=1,
@@ -130,7 +131,8 @@ def tiny_flux(seed: int = 0):
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
-    ).double()
+    )
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def flux_inputs(batch: int = 2, seed: int = 1) -> dict:
@@ -146,12 +148,12 @@ def flux_inputs(batch: int = 2, seed: int = 1) -> dict:
     }
 
 
-def tiny_sana(seed: int = 0):
+def tiny_sana(seed: int = 0, dtype: torch.dtype = torch.float64):
     """Sana-shaped: linear (ReLU) self-attention and softmax cross-attention to the caption."""
     from diffusers import SanaTransformer2DModel
 
     torch.manual_seed(seed)
-    return SanaTransformer2DModel(
+    model = SanaTransformer2DModel(
         patch_size=1,
         in_channels=4,
         out_channels=4,
@@ -163,7 +165,8 @@ def tiny_sana(seed: int = 0):
         cross_attention_dim=8,
         caption_channels=8,
         sample_size=8,
-    ).double()
+    )
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def sana_inputs(batch: int = 2, seed: int = 1) -> dict:

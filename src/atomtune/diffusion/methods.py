@@ -76,10 +76,12 @@ class MethodConfig:
             }
         )
 
-    def peft_config(self, base: str | None = None):
+    def peft_config(self, base: str | None = None, target_modules: tuple[str, ...] | None = None):
+        """PEFT's config for the baseline, on ``target_modules`` (default: PixArt's attention
+        projections; the workflows pass the host's, from its spec)."""
         from peft import LoraConfig, OFTConfig
 
-        targets = list(TARGET_MODULES)
+        targets = list(target_modules or TARGET_MODULES)
         if self.method == "oft":
             return OFTConfig(
                 r=self.oft_r, oft_block_size=0, target_modules=targets, base_model_name_or_path=base
@@ -92,7 +94,7 @@ class MethodConfig:
             base_model_name_or_path=base,
         )
 
-    def describe(self) -> str:
+    def describe(self, target_modules: tuple[str, ...] | None = None) -> str:
         if self.method == "atoms":
             c = self.atom_config()
             kept = f", cut to {c.atom_budget} by contribution" if c.atom_budget else ""
@@ -101,10 +103,11 @@ class MethodConfig:
                 f"shrinkage {c.shrinkage}, L1 weight {c.sparsity_weight}, orthogonality weight "
                 f"{c.orthogonality_weight}"
             )
+        targets = ", ".join(target_modules or TARGET_MODULES)
         if self.method == "oft":
-            return f"OFT (PEFT), r={self.oft_r} blocks on {', '.join(TARGET_MODULES)}"
+            return f"OFT (PEFT), r={self.oft_r} blocks on {targets}"
         name = "DoRA" if self.method == "dora" else "LoRA"
-        return f"{name} (PEFT), rank {self.rank}, alpha {self.rank} on {', '.join(TARGET_MODULES)}"
+        return f"{name} (PEFT), rank {self.rank}, alpha {self.rank} on {targets}"
 
 
 def check_method(method: str) -> None:
@@ -121,9 +124,14 @@ def _float32_trainables(tuned: Tuned) -> None:
 
 
 def apply_method(
-    model: nn.Module, config: MethodConfig, pretrained: str | None, name: str = "default"
+    model: nn.Module,
+    config: MethodConfig,
+    pretrained: str | None,
+    name: str = "default",
+    target_modules: tuple[str, ...] | None = None,
 ) -> Tuned:
-    """Inject a fresh adapter of ``config.method`` into ``model`` (in place, base frozen)."""
+    """Inject a fresh adapter of ``config.method`` into ``model`` (in place, base frozen); the PEFT
+    baselines on ``target_modules`` (default: PixArt's; a host's spec names its own)."""
     if config.method == "atoms":
         tuned: Tuned = AtomTuned(AtomModel(model, config.atom_config(pretrained), name), pretrained)
     else:
@@ -131,10 +139,11 @@ def apply_method(
 
         requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         try:
-            inject_adapter_in_model(config.peft_config(pretrained), model, adapter_name=name)
+            inject_adapter_in_model(config.peft_config(pretrained, target_modules), model, adapter_name=name)
         except ValueError as exc:
             raise AtomtuneError(f"{config.method} does not fit this model: {exc}") from exc
         tuned = PeftTuned(model, config.method, [name], pretrained, requires_grad)
+        tuned.target_modules = target_modules
         tuned.activate()
     _float32_trainables(tuned)
     return tuned

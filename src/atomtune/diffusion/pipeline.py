@@ -234,14 +234,17 @@ def load_transformer(
     device: str | None = None,
     local_files_only: bool = False,
 ) -> torch.nn.Module:
-    """Only the denoising transformer (what adapters attach to), without text encoder or VAE."""
+    """Only the denoising transformer (what adapters attach to), without text encoder or VAE: a
+    registered name builds its pipeline; a folder or hub id loads its ``transformer`` subfolder as
+    the class its config names."""
     device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
     show_notices_once()
-    if pretrained == TINY:
-        transformer = tiny_pixart_pipeline().transformer.to(device)
+    build = named_pipeline(pretrained)
+    if build is not None:
+        transformer = build().transformer.to(device)
         return transformer if torch_dtype == torch.float32 else transformer.to(dtype=torch_dtype)
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import AutoModel
 
     path = Path(pretrained).expanduser()
     if not path.exists() and _looks_like_path(pretrained):
@@ -254,9 +257,7 @@ def load_transformer(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            model = PixArtTransformer2DModel.from_pretrained(
-                str(path) if path.exists() else pretrained, **kwargs
-            )
+            model = AutoModel.from_pretrained(str(path) if path.exists() else pretrained, **kwargs)
     except (OSError, ValueError):
         return load_pipeline(pretrained, torch_dtype, variant, device, local_files_only).transformer
     return model.to(device)

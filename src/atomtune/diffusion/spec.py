@@ -1,8 +1,10 @@
 """``PixArtSpec``: all the workflows know about a diffusion transformer — how to encode prompts, turn
-images into latents, call the transformer for a noise prediction and run the sampler.
+images into latents, noise them for training (and the target the model learns), call the
+transformer for a prediction and run the sampler.
 
-Another DiT (SD3, Sana, Flux, ...) needs another spec of the same shape, nothing else; a pipeline
-class may name its own as ``atomtune_spec`` (the testbed's ``DigitPipeline`` does).
+Another DiT needs another spec of the same shape, nothing else: ``register_spec`` maps a pipeline
+class to its spec (SD3, Flux and Sana register theirs from ``atomtune.diffusion.sd3`` etc.), or the
+pipeline class names its own as ``atomtune_spec`` (the testbed's ``DigitPipeline`` does).
 """
 
 from __future__ import annotations
@@ -10,25 +12,53 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from atomtune.errors import AtomtuneError
 
-SUPPORTED = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
+_SPECS: dict[str, type] = {}  # pipeline class name -> its spec
 
 
 @dataclass
 class Prompts:
-    """Encoded prompts: T5 embeddings (P, L, C) and their attention mask (P, L)."""
+    """Encoded prompts: text embeddings (P, L, C), their attention mask (P, L) and, for hosts that
+    take one (SD3, Flux), the pooled embedding (P, C')."""
 
     embeds: torch.Tensor
     mask: torch.Tensor
+    pooled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
     def select(self, index: torch.Tensor | list[int]) -> Prompts:
         index = torch.as_tensor(index, dtype=torch.long, device=self.embeds.device)
-        return Prompts(self.embeds[index], self.mask[index])
+        pooled = None if self.pooled is None else self.pooled[index.to(self.pooled.device)]
+        return Prompts(self.embeds[index], self.mask[index.to(self.mask.device)], pooled)
+
+    def to(self, device, dtype: torch.dtype) -> Prompts:
+        """On ``device``, the embeddings in ``dtype`` (the mask keeps its own)."""
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return Prompts(self.embeds.to(device, dtype), self.mask.to(device), pooled)
+
+
+@dataclass
+class Noised:
+    """One training batch noised: the model's input, its timesteps, the target it should predict, and
+    a per-sample loss weight (``None``: plain mean squared error)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    def loss(self, pred: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """The (weighted) mean squared error of ``pred`` on the batch rows ``rows``, in float32."""
+        pred, target = pred[rows].float(), self.target[rows].float()
+        if self.weight is None:
+            return F.mse_loss(pred, target)
+        weight = self.weight[rows].float()
+        return (weight * (pred - target) ** 2).reshape(len(pred), -1).mean(1).mean()
 
 
 class PixArtSpec:
@@ -81,6 +111,21 @@ class PixArtSpec:
         config = self.pipe.vae.config
         shift = getattr(config, "shift_factor", None) or 0.0
         return (mean + std * eps - shift) * config.scaling_factor
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator) -> Noised:
+        """DDPM training: uniform timesteps (drawn on the CPU from ``generator``), the scheduler's
+        noising, and the noise (or velocity) as the target."""
+        from diffusers import DDPMScheduler
+
+        if getattr(self, "_ddpm", None) is None:
+            self._ddpm = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        scheduler = self._ddpm
+        count = scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "epsilon":
+            return Noised(noisy, timesteps, noise)
+        return Noised(noisy, timesteps, scheduler.get_velocity(latents, noise, timesteps))
 
     def predict_noise(
         self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: Prompts
@@ -155,19 +200,33 @@ class PixArtSpec:
         return [int(t) for t in self.pipe.scheduler.timesteps]
 
 
+def register_spec(pipeline_class: str, spec: type) -> None:
+    """Let ``spec_for`` answer ``spec(pipe)`` for pipelines of the class named ``pipeline_class``."""
+    _SPECS[pipeline_class] = spec
+
+
+def supported_pipelines() -> list[str]:
+    return sorted(_SPECS)
+
+
 def spec_for(pipe) -> PixArtSpec:
     """The model-specific part for ``pipe``; a clear error for a pipeline not supported yet.
 
     A pipeline class may name its own spec as ``atomtune_spec`` (the testbed's ``DigitPipeline``
-    does): that is how another diffusion transformer plugs in.
+    does); otherwise the spec registered for its class name (``register_spec``) is used.
     """
     own = getattr(type(pipe), "atomtune_spec", None)
     if own is not None:
         return own(pipe)
     name = type(pipe).__name__
-    if name not in SUPPORTED or not hasattr(pipe, "transformer"):
+    if name not in _SPECS or not hasattr(pipe, "transformer"):
         raise AtomtuneError(
-            f"{name} is not supported yet (supported: {', '.join(SUPPORTED)}); "
-            f"a new diffusion transformer needs a spec like PixArtSpec in atomtune/diffusion/spec.py"
+            f"{name} is not supported yet (supported: {', '.join(supported_pipelines())}); "
+            f"a new diffusion transformer needs a spec like PixArtSpec (atomtune/diffusion/spec.py), "
+            f"registered with register_spec"
         )
-    return PixArtSpec(pipe)
+    return _SPECS[name](pipe)
+
+
+register_spec("PixArtSigmaPipeline", PixArtSpec)
+register_spec("PixArtAlphaPipeline", PixArtSpec)

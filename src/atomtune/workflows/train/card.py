@@ -16,7 +16,7 @@ def training_record(
         "atomtune_version": __version__,
         "base_model": pretrained,
         "method": settings.method,
-        "method_description": settings.method_config().describe(),
+        "method_description": settings.method_config().describe(tuned.target_modules),
         "trainable_parameters": tuned.num_trainable_parameters(),
         "instance_data": str(settings.instance_data),
         "instance_images": n_instance,

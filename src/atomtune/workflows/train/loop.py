@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from atomtune.diffusion.images import grid
 from atomtune.diffusion.methods import apply_method
 from atomtune.diffusion.pipeline import load_pipeline, pipeline_name
-from atomtune.diffusion.spec import Prompts, spec_for
+from atomtune.diffusion.spec import spec_for
 from atomtune.diffusion.tuned import Tuned
 from atomtune.errors import AtomtuneError
 from atomtune.io import list_images, save_json, save_png, save_text
@@ -109,18 +108,15 @@ def _fit(
     pretrained = pipeline_name(pipe)
     base_dtype = pipe.transformer.dtype
     torch.manual_seed(settings.seed)  # adapter initialisation
-    tuned = apply_method(pipe.transformer, settings.method_config(), pretrained)
+    tuned = apply_method(
+        pipe.transformer, settings.method_config(), pretrained, target_modules=spec.target_modules
+    )
     if settings.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     pipe.transformer.train()
     params = tuned.trainable_parameters()
     optimizer = _optimizer(settings, params)
     model, optimizer = accelerator.prepare(pipe.transformer, optimizer)
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction = noise_scheduler.config.prediction_type
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + accelerator.process_index)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -151,19 +147,15 @@ def _fit(
         eps = torch.randn(mean.shape, generator=generator)
         latents = spec.latents(mean, std, eps)
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator)
-        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        cond = Prompts(prompts.embeds.to(device, base_dtype), prompts.mask.to(device))
+        noised = spec.add_noise(latents.to(device), noise.to(device), generator)  # the host's objective
+        cond = prompts.to(device, base_dtype)
         with accelerator.autocast():
-            pred = spec.predict_noise(model, noisy.to(base_dtype), timesteps, cond)
-        target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-        pred, target = pred.float(), target.float()
+            pred = spec.predict_noise(model, noised.noisy.to(base_dtype), noised.timesteps, cond)
         n = len(index)
-        loss = F.mse_loss(pred[:n], target[:n])
+        loss = noised.loss(pred, slice(None, n))
         record: dict[str, float] = {"step": step}
         if data.class_images is not None:
-            prior = F.mse_loss(pred[n:], target[n:])
+            prior = noised.loss(pred, slice(n, None))
             record["instance"], record["prior"] = loss.item(), prior.item()
             loss = loss + settings.prior_loss_weight * prior
         reg, terms = tuned.regularization()
