@@ -261,3 +261,9 @@ def test_instance_images_with_their_own_captions(dog_images, tmp_path):
     (dogs / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(AtomtuneError, match="lacks the token 'sks'"):
         train(_settings(dogs, tmp_path / "run4"), progress=False)
+    one = tmp_path / "one"  # a single captioned image is captioned too
+    one.mkdir()
+    shutil.copy(dogs / names[0], one / names[0])
+    (one / "metadata.jsonl").write_text(json.dumps({"file_name": names[0], "text": "a red sks dog"}) + "\n")
+    result = train(_settings(one, tmp_path / "run5"), progress=False)
+    assert json.loads((result.adapter_dir / "training.json").read_text())["instance_captions"] is True

@@ -1,5 +1,5 @@
 """``atomtune demo``: the main job. Teach the shipped digit model the digit it never saw, with atoms,
-on a CPU in about a minute, and show what the fine-tuning changed.
+on a CPU in a few minutes, and show what the fine-tuning changed.
 
 Writes to ``--out``: the instance images (with their captions), the prior-preservation images, the 25
 report prompts drawn before and after

@@ -34,6 +34,7 @@ class TrainingData:
     class_prompt_ids: list[int]  # each class image's row in ``prompts``
     sampling: Prompts | None
     negative: Prompts | None
+    captioned: bool = False  # each instance image under its own caption
 
     @property
     def num_instance(self) -> int:
@@ -46,8 +47,9 @@ def prepare_data(
     class_paths: list[Path] = []
     class_images = None
     instance_paths = list_images(settings.instance_data, "instance images")
-    texts = instance_captions(settings, instance_paths)
-    instance_prompt_ids = list(range(len(instance_paths))) if len(texts) > 1 else [0] * len(instance_paths)
+    captions = instance_captions(settings, instance_paths)
+    texts = list(captions or [settings.instance_prompt])
+    instance_prompt_ids = list(range(len(instance_paths))) if captions else [0] * len(instance_paths)
     first_class = len(texts)
     class_prompt_ids: list[int] = []
     if settings.class_prompt or settings.class_data:
@@ -91,17 +93,18 @@ def prepare_data(
         class_prompt_ids,
         sampling,
         negative,
+        captioned=captions is not None,
     )
 
 
-def instance_captions(settings, paths: list[Path]) -> list[str]:
-    """The instance prompt, or each image's own caption when the instance folder has a
-    ``metadata.jsonl``: captions that name what varies between the photos (color, place, pose) let the
+def instance_captions(settings, paths: list[Path]) -> list[str] | None:
+    """Each image's own caption when the instance folder has a ``metadata.jsonl`` (else ``None``:
+    the instance prompt serves every image): captions that name what varies between the photos (color, place, pose) let the
     token carry only the subject, which then composes with those words at sampling time."""
     folder = Path(settings.instance_data).expanduser()
     captions = read_captions(folder, paths) if folder.is_dir() else None
     if captions is None:
-        return [settings.instance_prompt]
+        return None
     if settings.token is not None:
         missing = [c for c in captions if not has_token(c, settings.token)]
         if missing:

@@ -202,7 +202,7 @@ def _fit(
             len(data.class_paths),
             tuned,
             seconds,
-            captioned=len(set(data.instance_prompt_ids)) > 1,
+            captioned=data.captioned,
         )
         tuned.save(adapter_dir)
         save_json(summary, adapter_dir / "training.json")
