@@ -9,6 +9,7 @@ from atomtune.diffusion.data import check_prompts, has_token, load_images, read_
 from atomtune.diffusion.methods import MethodConfig
 from atomtune.errors import AtomtuneError
 from atomtune.io import list_images
+from atomtune.tiny import tiny_pixart
 from atomtune.workflows.train import TrainSettings
 
 
@@ -93,7 +94,8 @@ def test_settings_from_yaml_and_toml_with_flags_winning(tmp_path):
     )
     s = TrainSettings.build(toml_file)
     assert s.optimizer == "adamw" and s.atoms == {"lambda_init": 0.01} and s.method == "atoms"
-    assert s.method_config().atom_config().lambda_init == 0.01
+    assert s.method_config().describe().startswith("atoms: LoRA rank 16")  # num_atoms "parity" by default
+    assert s.method_config().resolved(tiny_pixart()).atom_config().lambda_init == 0.01
 
 
 def test_paper_defaults():

@@ -83,6 +83,7 @@ def train(settings: TrainSettings, pipe=None, progress: bool = True) -> TrainRes
         vae.to(torch.float32)  # small; half-precision VAEs overflow (PixArt-Σ uses SDXL's)
     pipe.set_progress_bar_config(disable=True)
     spec = spec_for(pipe)
+    settings = settings.resolved(pipe.transformer, spec.target_modules)  # num_atoms="parity" → a count
     resolution = settings.resolution or spec.native_resolution
     spec.check_resolution(resolution)
 

@@ -39,7 +39,7 @@ class TrainSettings:
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
     method: str = "atoms"
-    num_atoms: int = DEFAULT_NUM_ATOMS
+    num_atoms: int | str = DEFAULT_NUM_ATOMS  # or "parity": LoRA rank ``rank``'s parameters (see resolved)
     atom_budget: int = DEFAULT_ATOM_BUDGET
     rank: int = 16
     oft_r: int = 4
@@ -125,6 +125,14 @@ class TrainSettings:
         return MethodConfig(
             self.method, self.num_atoms, self.rank, self.oft_r, dict(self.atoms), self.atom_budget
         )
+
+    def resolved(self, model, target_modules: tuple[str, ...]) -> TrainSettings:
+        """These settings with ``num_atoms="parity"`` replaced by its count on ``model`` (atoms only),
+        so the card, the checkpoints' structure and a resumed run all see the number trained."""
+        if self.method != "atoms":
+            return self
+        count = self.method_config().resolved(model, target_modules).num_atoms
+        return dataclasses.replace(self, num_atoms=count)
 
     def weight_dtype(self) -> str:
         """The base model's weights: ``dtype`` if given, else the mixed-precision dtype (float32 for "no")."""
