@@ -204,3 +204,20 @@ def test_readme_host_examples_run_as_written(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     for path in ("out/sd3/grid.png", "out/flux/grid.png", "out/sana-atoms/sweep.png"):
         assert (tmp_path / path).is_file(), path
+
+
+@pytest.mark.parametrize("host", ["tiny-sd3", "tiny-flux"])
+def test_training_parks_every_text_encoder(host):
+    """On an accelerator all of a host's text encoders (SD3: three, Flux: two) leave the pipeline
+    while training runs, and come back, the same modules, afterwards."""
+    from atomtune.workflows.train.loop import text_encoders_parked
+
+    pipe = load_pipeline(host, "float32", None, "cpu")
+    names = [n for n in pipe.components if n.startswith("text_encoder")]
+    before = {n: getattr(pipe, n) for n in names}
+    assert len(names) >= 2 and all(before.values())
+    with text_encoders_parked(pipe, park=True):
+        assert all(getattr(pipe, n) is None for n in names)
+    assert all(getattr(pipe, n) is before[n] for n in names)
+    with text_encoders_parked(pipe, park=False):  # on the CPU they stay
+        assert all(getattr(pipe, n) is before[n] for n in names)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,17 +90,31 @@ def train(settings: TrainSettings, pipe=None, progress: bool = True) -> TrainRes
     spec.check_resolution(resolution)
 
     data = prepare_data(settings, pipe, spec, accelerator, out, resolution, progress)
-    text_encoder = pipe.text_encoder
-    if accelerator.device.type != "cpu":  # prompts are encoded: the text encoder leaves the GPU
-        pipe.text_encoder = None
-        text_encoder.to("cpu")
-    try:
+    with text_encoders_parked(pipe, accelerator.device.type != "cpu"):
         return _fit(
             settings, pipe, spec, accelerator, data, out, resume_dir, resolution, progress, start_time
         )
+
+
+@contextmanager
+def text_encoders_parked(pipe, park: bool) -> Iterator[None]:
+    """Every text encoder of ``pipe`` on the CPU and out of the pipeline while training runs.
+
+    The prompts are encoded before training, so the encoders only take accelerator memory (Flux's
+    T5-XXL alone is ~9 GB; SD3 has three encoders). They leave the pipeline too, not just the
+    device, because diffusers picks a pipeline's device from its modules. Back where they were after.
+    """
+    names = [n for n in pipe.components if n.startswith("text_encoder") and getattr(pipe, n) is not None]
+    parked = {n: getattr(pipe, n) for n in names} if park else {}
+    devices = {n: next(m.parameters()).device for n, m in parked.items()}
+    for name, encoder in parked.items():
+        setattr(pipe, name, None)
+        encoder.to("cpu")
+    try:
+        yield
     finally:
-        if pipe.text_encoder is None:
-            pipe.text_encoder = text_encoder.to(accelerator.device)
+        for name, encoder in parked.items():
+            setattr(pipe, name, encoder.to(devices[name]))
 
 
 def _fit(
