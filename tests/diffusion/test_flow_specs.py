@@ -161,3 +161,14 @@ def test_flux_dev_gets_the_guidance_input_in_training_and_sampling():
     assert a.shape == noisy.shape and not torch.allclose(a, b)
     images = [np.asarray(spec.generate(prompts, prompts, 0, 2, g, 32, 32)) for g in (1.0, 3.5, 3.5)]
     assert np.array_equal(images[1], images[2]) and not np.array_equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_tiny_pipeline_command_writes_each_host(host, pipes, tmp_path, capsys):
+    from atomtune.cli import main
+
+    folder = tmp_path / "pipe"
+    assert main(["tiny-pipeline", str(folder), "--host", host.removeprefix("tiny-")]) == 0
+    assert "--pretrained" in capsys.readouterr().out
+    loaded = load_pipeline(str(folder), device="cpu")
+    assert type(loaded) is type(pipes[host]) and np.array_equal(_image(loaded), _image(pipes[host]))

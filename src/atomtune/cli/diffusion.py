@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from atomtune.cli.options import add_loading, add_sampling, int_list, loading_kwargs, seed_list
 from atomtune.cli.train import register as register_train
@@ -224,25 +225,37 @@ def _add_merge(sub) -> None:
 
 
 # -- tiny-pipeline ------------------------------------------------------------------------------
-def _tiny(args: argparse.Namespace) -> None:
+def _tiny_builders() -> dict[str, Any]:
+    from atomtune.diffusion import tiny_hosts
     from atomtune.diffusion.pipeline import tiny_pixart_pipeline
 
+    return {
+        "pixart": ("PixArt-Σ", tiny_pixart_pipeline),
+        "sd3": ("SD3", tiny_hosts.tiny_sd3_pipeline),
+        "flux": ("Flux", tiny_hosts.tiny_flux_pipeline),
+        "sana": ("Sana", tiny_hosts.tiny_sana_pipeline),
+    }
+
+
+def _tiny(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise AtomtuneError(f"{out} exists and is not empty")
+    title, build = _tiny_builders()[args.host]
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = tiny_pixart_pipeline(seed=args.seed)
+    pipe = build(seed=args.seed)
     pipe.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
-    print(f"wrote a tiny PixArt-Σ pipeline in {out}: use --pretrained {out}")
+    print(f"wrote a tiny {title} pipeline in {out}: use --pretrained {out}")
 
 
 def _add_tiny(sub) -> None:
-    p = sub.add_parser("tiny-pipeline", help="write a tiny PixArt-Σ pipeline folder (random weights, 32 px)")
+    p = sub.add_parser("tiny-pipeline", help="write a tiny pipeline folder (random weights, 32 px)")
     p.add_argument("out", help="folder to create")
+    p.add_argument("--host", choices=("pixart", "sd3", "flux", "sana"), default="pixart")
     p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=_tiny)
 
