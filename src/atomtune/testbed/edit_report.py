@@ -265,7 +265,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Every curve, point by point (knob value: identity / P(source) / alignment):", ""]
     for name, curve in report["curves"].items():
         pts = "; ".join(
-            f"{p['value']}: {p[IDENTITY]:.3f} / {p['p_source']:.2f} / {p['alignment']:.2f}" for p in curve
+            f"{p['value'] if isinstance(p['value'], str) else format(p['value'], 'g')}: {p[IDENTITY]:.3f} / {p['p_source']:.2f} / {p['alignment']:.2f}"
+            for p in curve
         )
         lines.append(f"- {name}: {pts}")
     return "\n".join(lines) + "\n"
