@@ -1,5 +1,6 @@
-"""The tiny SD3, Flux and Sana transformers (``atomtune.tiny``) and naive float64
-references for one adapted attention module: attention maps materialised, ``ΔO`` term by term."""
+"""The tiny SD3, Flux and Sana transformers (``atomtune.tiny``), tiny QwenImage, Wan, Lumina2 and
+HiDream ones (here: only the tests use them), and naive float64 references for one adapted
+attention module: attention maps materialised, ``ΔO`` term by term."""
 
 from __future__ import annotations
 
@@ -48,3 +49,35 @@ def naive_delta_and_values(q, k, v, c, atoms, bias=None, kernel=None):
     s = soft(torch.cat(coeffs, -1), atoms.lam)
     delta = s @ (atoms.D * (atoms.mask * atoms.gain)[:, None])
     return torch.cat(values, -1), delta
+
+
+def tiny_qwenimage(seed: int = 0):
+    """QwenImage-shaped: 2 double-stream blocks (keys ``[text, image]``), per-head RMS QK-norm, MSRoPE."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    ).double()
+
+
+def qwenimage_inputs(batch: int = 2, seed: int = 1) -> dict:
+    """Packed 4x4 latents and an 8-token caption, padded in the first item (a bool joint mask)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, 8)
+    mask[0, -3:] = 0
+    return {
+        "hidden_states": torch.randn(batch, 16, 16, generator=g, dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(batch, 8, 16, generator=g, dtype=torch.float64),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.tensor([0.2, 0.9][:batch], dtype=torch.float64),
+        "img_shapes": [(1, 4, 4)] * batch,
+    }

@@ -1,8 +1,8 @@
 """diffusers glue: find attention modules and run them with atoms through an attention processor.
 
-Hosts with diffusers' default processor (PixArt) use ``AtomAttnProcessor`` below. SD3, Flux and
-Sana's cross-attention keep their own processor, widened (``widened``, table in ``layouts``); Sana's
-linear self-attention has its own small processor (``sana``).
+Hosts with diffusers' default processor (PixArt) use ``AtomAttnProcessor`` below. SD3, Flux,
+QwenImage and Sana's cross-attention keep their own processor, widened (``widened``, table in
+``layouts``); Sana's linear self-attention has its own small processor (``sana``).
 
 The processor follows diffusers' ``AttnProcessor2_0`` step for step and changes one thing: the
 values and the atom coefficient channels go through one scaled-dot-product call
@@ -110,7 +110,7 @@ def _atom_processor_for(processor: object) -> object:
     if layout is None or type(processor).__name__ not in LAYOUTS:
         raise AtomtuneError(
             f"attention mode supports diffusers' default, SD3 (JointAttnProcessor2_0), Flux "
-            f"(FluxAttnProcessor) and Sana attention processors, found {type(processor).__name__}"
+            f"(FluxAttnProcessor), Sana and QwenImage attention processors, found {type(processor).__name__}"
         )
     if layout.linear:
         from atomtune.core.hosts.sana import SanaLinearAtomProcessor  # diffusers is optional

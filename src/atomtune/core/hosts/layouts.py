@@ -7,7 +7,8 @@ projections) stays the host's. A row is checked by the tests' "value replay": ch
 the host's own value projections in this order equal the values its kernel receives.
 
 Read from diffusers 0.42.1 (``JointAttnProcessor2_0``: ``[image, text]``; ``FluxAttnProcessor``:
-``[text, image]``; Flux single blocks get the joint sequence as ``hidden_states`` already).
+``[text, image]``; Flux single blocks get the joint sequence as ``hidden_states`` already;
+QwenImage's ``QwenDoubleStreamAttnProcessor2_0``: ``[text, image]``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ LAYOUTS: dict[str, HostLayout] = {
     "FluxAttnProcessor": HostLayout(key_order=(ENCODER, HIDDEN), single_stream_joint=True),
     "SanaAttnProcessor2_0": HostLayout(),
     "SanaLinearAttnProcessor2_0": HostLayout(linear=True),
+    "QwenDoubleStreamAttnProcessor2_0": HostLayout(key_order=(ENCODER, HIDDEN)),
 }
 
 
