@@ -81,3 +81,36 @@ def qwenimage_inputs(batch: int = 2, seed: int = 1) -> dict:
         "timestep": torch.tensor([0.2, 0.9][:batch], dtype=torch.float64),
         "img_shapes": [(1, 4, 4)] * batch,
     }
+
+
+def tiny_wan(seed: int = 0, **i2v):
+    """Wan-shaped (text-to-video): 2 blocks of self-attention (RMSNorm across heads, 3-D RoPE) and
+    cross-attention to the text. ``image_dim=…, added_kv_proj_dim=…`` make it image-to-video."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        **i2v,
+    ).double()
+
+
+def wan_inputs(batch: int = 2, seed: int = 1) -> dict:
+    """Two frames of 8x8 latents (32 video tokens) and 6 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, 2, 8, 8, generator=g, dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(batch, 6, 16, generator=g, dtype=torch.float64),
+        "timestep": torch.tensor([3, 500][:batch]),
+    }

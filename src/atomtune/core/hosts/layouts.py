@@ -8,7 +8,8 @@ the host's own value projections in this order equal the values its kernel recei
 
 Read from diffusers 0.42.1 (``JointAttnProcessor2_0``: ``[image, text]``; ``FluxAttnProcessor``:
 ``[text, image]``; Flux single blocks get the joint sequence as ``hidden_states`` already;
-QwenImage's ``QwenDoubleStreamAttnProcessor2_0``: ``[text, image]``).
+QwenImage's ``QwenDoubleStreamAttnProcessor2_0``: ``[text, image]``; ``WanAttnProcessor``: one
+stream, self or cross, with the image-to-video context in a second call).
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ class HostLayout:
         single_stream_joint: a module without ``add_v_proj`` still attends text and image tokens
             together (its ``hidden_states`` is the joint sequence: Flux single blocks).
         linear: the host's kernel is linear attention, not scaled-dot-product (own processor).
+        separate_added_kv: the host attends the ``add_k_proj``/``add_v_proj`` stream in an attention
+            call of its own (Wan image-to-video's image context); atoms ride in one call, so such
+            modules are refused.
     """
 
     key_order: tuple[str, ...] = (HIDDEN, ENCODER)
     single_stream_joint: bool = False
     linear: bool = False
+    separate_added_kv: bool = False
 
 
 LAYOUTS: dict[str, HostLayout] = {
@@ -44,6 +49,7 @@ LAYOUTS: dict[str, HostLayout] = {
     "SanaAttnProcessor2_0": HostLayout(),
     "SanaLinearAttnProcessor2_0": HostLayout(linear=True),
     "QwenDoubleStreamAttnProcessor2_0": HostLayout(key_order=(ENCODER, HIDDEN)),
+    "WanAttnProcessor": HostLayout(separate_added_kv=True),
 }
 
 
