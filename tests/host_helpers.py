@@ -32,15 +32,17 @@ def heads_of(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
-def naive_delta_and_values(q, k, v, c, atoms, bias=None, kernel=None):
-    """Per head, materialise A_h (softmax(q kᵀ/√d + bias), or ``kernel(q_h, k_h)``), then
-    ``Σ_h`` columns: values ``A_h v_h`` and ``ΔO = σ_λ(concat_h A_h c_h)·diag(mask·gain)·D``."""
+def naive_delta_and_values(q, k, v, c, atoms, bias=None, kernel=None, scale=None):
+    """Per head, materialise A_h (softmax(q kᵀ·scale + bias), scale 1/√d unless given, or
+    ``kernel(q_h, k_h)``), then ``Σ_h`` columns: values ``A_h v_h`` and
+    ``ΔO = σ_λ(concat_h A_h c_h)·diag(mask·gain)·D``."""
     heads = q.shape[1]
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     m = -(-c.shape[-1] // heads)  # atom j belongs to head j // ceil(M/H)
     values, coeffs = [], []
     for h in range(heads):
         if kernel is None:
-            scores = q[:, h] @ k[:, h].transpose(-1, -2) / math.sqrt(q.shape[-1])
+            scores = q[:, h] @ k[:, h].transpose(-1, -2) * scale
             a_h = (scores if bias is None else scores + bias).softmax(-1)
         else:
             a_h = kernel(q[:, h], k[:, h])
@@ -113,4 +115,42 @@ def wan_inputs(batch: int = 2, seed: int = 1) -> dict:
         "hidden_states": torch.randn(batch, 4, 2, 8, 8, generator=g, dtype=torch.float64),
         "encoder_hidden_states": torch.randn(batch, 6, 16, generator=g, dtype=torch.float64),
         "timestep": torch.tensor([3, 500][:batch]),
+    }
+
+
+def tiny_lumina2(seed: int = 0):
+    """Lumina2-shaped: 3 query heads over 1 grouped kv head, per-head RMS QK-norm, 3-axis RoPE; one
+    caption refiner, one image refiner, 2 ``layers`` over the joint ``[caption, image]`` sequence."""
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Lumina2Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=24,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=3,
+        num_kv_heads=1,
+        multiple_of=2,
+        ffn_dim_multiplier=None,
+        norm_eps=1e-5,
+        scaling_factor=1.0,
+        axes_dim_rope=(4, 2, 2),
+        axes_lens=(128, 128, 128),
+        cap_feat_dim=32,
+    ).double()
+
+
+def lumina2_inputs(batch: int = 2, seed: int = 1) -> dict:
+    """8x8 latents (16 image tokens) and a 6-token caption, padded in the first item."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+    mask[0, -2:] = False
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=g, dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(batch, 6, 32, generator=g, dtype=torch.float64),
+        "encoder_attention_mask": mask,
+        "timestep": torch.tensor([0.2, 0.9][:batch], dtype=torch.float64),
     }

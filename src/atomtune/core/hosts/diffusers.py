@@ -1,7 +1,7 @@
 """diffusers glue: find attention modules and run them with atoms through an attention processor.
 
 Hosts with diffusers' default processor (PixArt) use ``AtomAttnProcessor`` below. SD3, Flux,
-QwenImage, Wan and Sana's cross-attention keep their own processor, widened (``widened``, table in
+QwenImage, Wan, Lumina2 and Sana's cross-attention keep their own processor, widened (``widened``, table in
 ``layouts``); Sana's linear self-attention has its own small processor (``sana``).
 
 The processor follows diffusers' ``AttnProcessor2_0`` step for step and changes one thing: the
@@ -78,8 +78,8 @@ def attention_shape(attn: nn.Module, placement: str, joint_encoder: str = "share
             f"{name} attends this module's added image context (add_k_proj, add_v_proj: Wan "
             f"image-to-video) in a second attention call, and atoms ride in one; Wan text-to-video only"
         )
-    if attn.to_v.out_features != attn.to_q.out_features:
-        raise AtomtuneError("attention mode does not support grouped key/value heads yet")
+    if attn.to_v.out_features != attn.to_q.out_features and not layout.repeats_kv:
+        raise AtomtuneError(f"attention mode does not support grouped key/value heads with {name} yet")
     width = context_width(attn, joint_encoder == "per_stream")
     if width < 0:
         raise AtomtuneError(
@@ -117,7 +117,7 @@ def _atom_processor_for(processor: object) -> object:
     if layout is None or type(processor).__name__ not in LAYOUTS:
         raise AtomtuneError(
             f"attention mode supports diffusers' default, SD3 (JointAttnProcessor2_0), Flux "
-            f"(FluxAttnProcessor), Sana, QwenImage and Wan attention processors, found {type(processor).__name__}"
+            f"(FluxAttnProcessor), Sana, QwenImage, Wan and Lumina2 attention processors, found {type(processor).__name__}"
         )
     if layout.linear:
         from atomtune.core.hosts.sana import SanaLinearAtomProcessor  # diffusers is optional

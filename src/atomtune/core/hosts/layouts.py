@@ -9,7 +9,8 @@ the host's own value projections in this order equal the values its kernel recei
 Read from diffusers 0.42.1 (``JointAttnProcessor2_0``: ``[image, text]``; ``FluxAttnProcessor``:
 ``[text, image]``; Flux single blocks get the joint sequence as ``hidden_states`` already;
 QwenImage's ``QwenDoubleStreamAttnProcessor2_0``: ``[text, image]``; ``WanAttnProcessor``: one
-stream, self or cross, with the image-to-video context in a second call).
+stream, self or cross, with the image-to-video context in a second call; ``Lumina2AttnProcessor2_0``:
+one stream, grouped k/v repeated to the query heads before its call, its own softmax scale).
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ class HostLayout:
         separate_added_kv: the host attends the ``add_k_proj``/``add_v_proj`` stream in an attention
             call of its own (Wan image-to-video's image context); atoms ride in one call, so such
             modules are refused.
+        repeats_kv: the host repeats grouped key/value heads up to the query heads before its call
+            (Lumina2), so the kernel sees one value head per query head, and so do the channels.
     """
 
     key_order: tuple[str, ...] = (HIDDEN, ENCODER)
     single_stream_joint: bool = False
     linear: bool = False
     separate_added_kv: bool = False
+    repeats_kv: bool = False
 
 
 LAYOUTS: dict[str, HostLayout] = {
@@ -50,6 +54,7 @@ LAYOUTS: dict[str, HostLayout] = {
     "SanaLinearAttnProcessor2_0": HostLayout(linear=True),
     "QwenDoubleStreamAttnProcessor2_0": HostLayout(key_order=(ENCODER, HIDDEN)),
     "WanAttnProcessor": HostLayout(separate_added_kv=True),
+    "Lumina2AttnProcessor2_0": HostLayout(repeats_kv=True),
 }
 
 

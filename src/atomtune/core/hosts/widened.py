@@ -1,8 +1,8 @@
 """Atoms inside a host's own attention processor: its one attention call, widened.
 
 A host processor (SD3's ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``, Sana's cross
-``SanaAttnProcessor2_0``, QwenImage's ``QwenDoubleStreamAttnProcessor2_0``, Wan's ``WanAttnProcessor``)
-is kept as it is; ``atom_processor`` gives a subclass with the host's exact call signature (diffusers
+``SanaAttnProcessor2_0``, QwenImage's ``QwenDoubleStreamAttnProcessor2_0``, Wan's ``WanAttnProcessor``,
+Lumina2's ``Lumina2AttnProcessor2_0``) is kept as it is; ``atom_processor`` gives a subclass with the host's exact call signature (diffusers
 drops every keyword a processor does not name, so a ``*args`` wrapper would silently lose RoPE or
 masks). The subclass computes the coefficient channels ``c = Xc·W_s`` from its own arguments
 (``layouts`` says which, in which order), then runs the host's ``__call__`` under a
