@@ -154,3 +154,41 @@ def lumina2_inputs(batch: int = 2, seed: int = 1) -> dict:
         "encoder_attention_mask": mask,
         "timestep": torch.tensor([0.2, 0.9][:batch], dtype=torch.float64),
     }
+
+
+def tiny_hidream(seed: int = 0):
+    """HiDream-shaped: one double block (image ``to_q/k/v``, text ``to_q_t/k_t/v_t``, keys
+    ``[image, text]``), one single block on the joint sequence; RMSNorm across heads, 2-axis RoPE."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return HiDreamImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=[8, 4],
+        text_emb_dim=8,
+        num_routed_experts=2,
+        num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(16, 16),
+        llama_layers=(0, 1),
+        force_inference_output=True,
+    ).double()
+
+
+def hidream_inputs(batch: int = 2, seed: int = 1, height: int = 8) -> dict:
+    """8 x ``height`` latents (a non-square one is padded to 64 tokens and masked by the host),
+    5 T5 tokens and 5 tokens from each of 2 Llama layers."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, height, 8, generator=g, dtype=torch.float64),
+        "timesteps": torch.tensor([3, 500][:batch]),
+        "encoder_hidden_states_t5": torch.randn(batch, 5, 8, generator=g, dtype=torch.float64),
+        "encoder_hidden_states_llama3": torch.randn(2, batch, 5, 4, generator=g, dtype=torch.float64),
+        "pooled_embeds": torch.randn(batch, 8, generator=g, dtype=torch.float64),
+    }

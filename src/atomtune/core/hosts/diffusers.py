@@ -1,8 +1,9 @@
 """diffusers glue: find attention modules and run them with atoms through an attention processor.
 
 Hosts with diffusers' default processor (PixArt) use ``AtomAttnProcessor`` below. SD3, Flux,
-QwenImage, Wan, Lumina2 and Sana's cross-attention keep their own processor, widened (``widened``, table in
-``layouts``); Sana's linear self-attention has its own small processor (``sana``).
+QwenImage, Wan (text-to-video), Lumina2, HiDream and Sana's cross-attention keep their own
+processor, widened (``widened``, table in ``layouts``); Sana's linear self-attention has its own
+small processor (``sana``).
 
 The processor follows diffusers' ``AttnProcessor2_0`` step for step and changes one thing: the
 values and the atom coefficient channels go through one scaled-dot-product call
@@ -56,7 +57,7 @@ def is_cross_attention(attn: nn.Module) -> bool:
 
 
 def attention_kind(attn: nn.Module) -> str:
-    """``"joint"`` (text and image tokens attend together: SD3, Flux, QwenImage), ``"cross"`` or
+    """``"joint"`` (text and image tokens attend together: SD3, Flux, QwenImage, HiDream), ``"cross"`` or
     ``"self"`` (Wan image-to-video's cross-attention to text and image context counts as cross)."""
     layout = layout_of(attn.processor)
     joins = layout is not None and not layout.separate_added_kv
@@ -117,7 +118,8 @@ def _atom_processor_for(processor: object) -> object:
     if layout is None or type(processor).__name__ not in LAYOUTS:
         raise AtomtuneError(
             f"attention mode supports diffusers' default, SD3 (JointAttnProcessor2_0), Flux "
-            f"(FluxAttnProcessor), Sana, QwenImage, Wan and Lumina2 attention processors, found {type(processor).__name__}"
+            f"(FluxAttnProcessor), Sana, QwenImage, Wan, Lumina2 and HiDream attention processors, "
+            f"found {type(processor).__name__}"
         )
     if layout.linear:
         from atomtune.core.hosts.sana import SanaLinearAtomProcessor  # diffusers is optional
