@@ -1,6 +1,6 @@
 """The tiny SD3, Flux and Sana transformers (``atomtune.tiny``), tiny QwenImage, Wan, Lumina2 and
-HiDream ones (here: only the tests use them), and naive float64 references for one adapted
-attention module: attention maps materialised, ``ΔO`` term by term."""
+HiDream ones (here: only the tests use them), naive float64 references for one adapted attention
+module (attention maps materialised, ``ΔO`` term by term), and the checks every host shares."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from atomtune import AtomConfig, AtomModel
 from atomtune.tiny import flux_inputs, sana_inputs, sd3_inputs, tiny_flux, tiny_sana, tiny_sd3  # noqa: F401
 
 
@@ -21,6 +22,54 @@ def trained_looking(atom_model, seed: int = 3) -> None:
             a.lam.fill_(0.05)
             a.gain[1] = 2.0
             a.mask[2] = 0.0
+
+
+def run(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def assert_exact_and_acting(got, want, bare) -> None:
+    """A module's outputs (one tensor or a tuple per stream) equal the reference to 1e-10 and differ
+    from the module without atoms (the atoms do act)."""
+    got, want, bare = ((x,) if torch.is_tensor(x) else x for x in (got, want, bare))
+    for g, w, b in zip(got, want, bare, strict=True):
+        assert torch.allclose(g, w, atol=1e-10), (g - w).abs().max()
+        assert (g - b).abs().max() > 1e-3
+
+
+def check_identity_and_gradients(model, inputs: dict, config: AtomConfig) -> AtomModel:
+    """Fresh atoms leave the model's output as it was (``D = 0``), and disabled ones give the host's
+    own call; one backward reaches every module's ``D``."""
+    bare = run(model, inputs)
+    atoms = AtomModel(model, config)
+    assert torch.allclose(run(model, inputs), bare, atol=1e-12)
+    with atoms.disable():
+        assert torch.allclose(run(model, inputs), bare, rtol=0, atol=1e-14)
+    model(**inputs).sample.square().mean().backward()
+    assert all(a.D.grad.abs().sum() > 0 for a in atoms.atoms().values())
+    return atoms
+
+
+def check_round_trip_masks_and_prune(build, inputs: dict, config: AtomConfig, keep, pruned: int, path):
+    """Save → load into a fresh ``build()`` is exact; all atoms masked gives the pretrained output;
+    masking ``keep`` and pruning keeps the output, with ``pruned`` atoms left per module. Returns
+    the adapted model (for a processor-swap check)."""
+    model = build()
+    bare = run(model, inputs)
+    atoms = AtomModel(model, config)
+    trained_looking(atoms)
+    want = run(model, inputs)
+    atoms.save(path / "adapter")
+    loaded = AtomModel.load(build(), path / "adapter")
+    assert torch.allclose(run(loaded.model, inputs), want, rtol=0, atol=1e-14)
+    atoms.set_masks({name: torch.zeros(len(keep)) for name in atoms.layers()})
+    assert torch.allclose(run(model, inputs), bare, atol=1e-12)
+    atoms.set_masks({name: torch.tensor(keep) for name in atoms.layers()})
+    masked = run(model, inputs)
+    assert set(atoms.prune().values()) == {pruned}
+    assert torch.allclose(run(model, inputs), masked, atol=1e-12)
+    return model
 
 
 def soft(z: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,17 @@ from diffusers.models.transformers.transformer_lumina2 import Lumina2AttnProcess
 
 from atomtune import AtomConfig, AtomModel
 from atomtune.errors import AtomtuneError
-from host_helpers import lumina2_inputs, naive_delta_and_values, tiny_lumina2, trained_looking
+from host_helpers import (
+    check_identity_and_gradients,
+    check_round_trip_masks_and_prune,
+    lumina2_inputs,
+    naive_delta_and_values,
+    run,
+    tiny_lumina2,
+    trained_looking,
+)
 
 MODULES = ["noise_refiner.0.attn", "context_refiner.0.attn", "layers.0.attn", "layers.1.attn"]
-
-
-def run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).sample
 
 
 def lumina2_reference(attn, atoms, x, keep, rope, scale):
@@ -63,34 +66,15 @@ def test_lumina2_joint_layer_matches_naive_reference(num_atoms, base_sequence_le
 
 
 def test_lumina2_identity_at_step_zero_and_gradients():
-    model, inputs = tiny_lumina2(), lumina2_inputs()
-    bare = run(model, inputs)
-    atoms = AtomModel(model, AtomConfig(num_atoms=3))
+    atoms = check_identity_and_gradients(tiny_lumina2(), lumina2_inputs(), AtomConfig(num_atoms=3))
     assert list(atoms.layers()) == MODULES
-    assert torch.allclose(run(model, inputs), bare, atol=1e-12)
-    with atoms.disable():
-        assert torch.allclose(run(model, inputs), bare, rtol=0, atol=1e-14)
-    model(**inputs).sample.square().mean().backward()
-    assert all(a.D.grad.abs().sum() > 0 for a in atoms.atoms().values())
     joint_only = AtomModel(tiny_lumina2(), AtomConfig(num_atoms=3, target_modules=r"^layers\."))
     assert list(joint_only.layers()) == MODULES[2:]
 
 
 def test_lumina2_round_trip_masks_prune_and_swap(tmp_path):
-    model, inputs = tiny_lumina2(), lumina2_inputs()
-    bare = run(model, inputs)
-    atoms = AtomModel(model, AtomConfig(num_atoms=6))
-    trained_looking(atoms)
-    want = run(model, inputs)
-    atoms.save(tmp_path / "adapter")
-    loaded = AtomModel.load(tiny_lumina2(), tmp_path / "adapter")
-    assert torch.allclose(run(loaded.model, inputs), want, rtol=0, atol=1e-14)
-    atoms.set_masks({name: torch.zeros(6) for name in atoms.layers()})
-    assert torch.allclose(run(model, inputs), bare, atol=1e-12)
-    atoms.set_masks({name: torch.tensor([1, 0, 0, 1, 0, 0]) for name in atoms.layers()})  # 1, 1, 0 per head
-    masked = run(model, inputs)
-    assert set(atoms.prune().values()) == {3}
-    assert torch.allclose(run(model, inputs), masked, atol=1e-12)
+    inputs, keep = lumina2_inputs(), [1, 0, 0, 1, 0, 0]  # heads keep 1, 1, 0 atoms
+    model = check_round_trip_masks_and_prune(tiny_lumina2, inputs, AtomConfig(num_atoms=6), keep, 3, tmp_path)
     model.noise_refiner[0].attn.set_processor(
         Lumina2AttnProcessor2_0()
     )  # the model has no set_attn_processor

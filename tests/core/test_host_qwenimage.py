@@ -12,14 +12,18 @@ from diffusers.models.transformers.transformer_qwenimage import (
 
 from atomtune import AtomConfig, AtomModel
 from atomtune.errors import AtomtuneError
-from host_helpers import naive_delta_and_values, qwenimage_inputs, tiny_qwenimage, trained_looking
+from host_helpers import (
+    assert_exact_and_acting,
+    check_identity_and_gradients,
+    check_round_trip_masks_and_prune,
+    naive_delta_and_values,
+    qwenimage_inputs,
+    run,
+    tiny_qwenimage,
+    trained_looking,
+)
 
 MODULES = ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
-
-
-def run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).sample
 
 
 def qwen_reference(attn, atoms, hs, ehs, keep, rope, per_stream):
@@ -76,44 +80,20 @@ def test_qwenimage_module_matches_naive_reference(num_atoms, encoder):
         want = qwen_reference(attn, atoms.atoms()[MODULES[1]], hs, ehs, keep, rope, encoder == "per_stream")
         with atoms.disable():
             bare = attn(hs, ehs, **call)
-    for g_, w_, b_ in zip(got, want, bare, strict=True):
-        assert torch.allclose(g_, w_, atol=1e-10), (g_ - w_).abs().max()
-        assert (g_ - b_).abs().max() > 1e-3  # the atoms do act
+    assert_exact_and_acting(got, want, bare)
 
 
 def test_qwenimage_identity_at_step_zero_and_gradients():
-    model, inputs = tiny_qwenimage(), qwenimage_inputs()
-    bare = run(model, inputs)
-    atoms = AtomModel(model, AtomConfig(num_atoms=4, attention="joint"))
+    config = AtomConfig(num_atoms=4, attention="joint")
+    atoms = check_identity_and_gradients(tiny_qwenimage(), qwenimage_inputs(), config)
     assert sorted(atoms.layers()) == MODULES
-    assert torch.allclose(run(model, inputs), bare, atol=1e-12)
-    with atoms.disable():
-        assert torch.allclose(run(model, inputs), bare, rtol=0, atol=1e-14)
-    model(**inputs).sample.square().mean().backward()
-    assert all(a.D.grad.abs().sum() > 0 for a in atoms.atoms().values())
 
 
-def test_qwenimage_round_trip_masks_and_prune(tmp_path):
-    model, inputs = tiny_qwenimage(), qwenimage_inputs()
-    bare = run(model, inputs)
-    atoms = AtomModel(model, AtomConfig(num_atoms=8, joint_encoder="per_stream"))
-    trained_looking(atoms)
-    want = run(model, inputs)
-    atoms.save(tmp_path / "adapter")
-    loaded = AtomModel.load(tiny_qwenimage(), tmp_path / "adapter")
-    assert torch.allclose(run(loaded.model, inputs), want, rtol=0, atol=1e-14)
-    atoms.set_masks({name: torch.zeros(8) for name in atoms.layers()})
-    assert torch.allclose(run(model, inputs), bare, atol=1e-12)
-    keep = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0])  # heads keep 1, 1, 1, 0 atoms: pads inert ones
-    atoms.set_masks({name: keep for name in atoms.layers()})
-    masked = run(model, inputs)
-    assert set(atoms.prune().values()) == {4}
-    assert torch.allclose(run(model, inputs), masked, atol=1e-12)
-
-
-def test_qwenimage_processor_swap_is_caught():
-    model, inputs = tiny_qwenimage(), qwenimage_inputs()
-    AtomModel(model, AtomConfig(num_atoms=4))
+def test_qwenimage_round_trip_masks_prune_and_swap(tmp_path):
+    inputs = qwenimage_inputs()
+    config = AtomConfig(num_atoms=8, joint_encoder="per_stream")
+    keep = [1, 0, 0, 1, 1, 0, 0, 0]  # heads keep 1, 1, 1, 0 atoms: pads inert ones
+    model = check_round_trip_masks_and_prune(tiny_qwenimage, inputs, config, keep, 4, tmp_path)
     model.set_attn_processor(QwenDoubleStreamAttnProcessor2_0())
     with pytest.raises(
         AtomtuneError, match=r"transformer_blocks\.0\.attn: .*replaced by QwenDoubleStreamAttnProcessor2_0"
