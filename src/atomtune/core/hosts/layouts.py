@@ -33,8 +33,9 @@ class HostLayout:
         key_order: processor arguments in the order their tokens appear as keys, for modules with
             a second (text) stream through its own value projection (``text_value``); a stream
             passed as ``None`` is absent.
-        single_stream_joint: a module without a text value projection still attends text and image tokens
-            together (its ``hidden_states`` is the joint sequence: Flux single blocks).
+        single_stream_joint: a module without a text value projection still attends text and image
+            tokens together (its ``hidden_states`` is the joint sequence: Flux and HiDream single
+            blocks).
         linear: the host's kernel is linear attention, not scaled-dot-product (own processor).
         separate_added_kv: the host attends the ``add_k_proj``/``add_v_proj`` stream in an attention
             call of its own (Wan image-to-video's image context); atoms ride in one call, so such
