@@ -1,8 +1,9 @@
 """diffusers glue: find attention modules and run them with atoms through an attention processor.
 
-Hosts with diffusers' default processor (PixArt) use ``AtomAttnProcessor`` below. SD3, Flux and
-Sana's cross-attention keep their own processor, widened (``widened``, table in ``layouts``); Sana's
-linear self-attention has its own small processor (``sana``).
+Hosts with diffusers' default processor (PixArt) use ``AtomAttnProcessor`` below. SD3, Flux,
+QwenImage, Wan (text-to-video), Lumina2, HiDream and Sana's cross-attention keep their own
+processor, widened (``widened``, table in ``layouts``); Sana's linear self-attention has its own
+small processor (``sana``).
 
 The processor follows diffusers' ``AttnProcessor2_0`` step for step and changes one thing: the
 values and the atom coefficient channels go through one scaled-dot-product call
@@ -56,9 +57,11 @@ def is_cross_attention(attn: nn.Module) -> bool:
 
 
 def attention_kind(attn: nn.Module) -> str:
-    """``"joint"`` (text and image tokens attend together: SD3, Flux), ``"cross"`` or ``"self"``."""
+    """``"joint"`` (text and image tokens attend together: SD3, Flux, QwenImage, HiDream), ``"cross"`` or
+    ``"self"`` (Wan image-to-video's cross-attention to text and image context counts as cross)."""
     layout = layout_of(attn.processor)
-    if layout is not None and (has_text_stream(attn) or layout.single_stream_joint):
+    joins = layout is not None and not layout.separate_added_kv
+    if joins and (has_text_stream(attn) or layout.single_stream_joint):
         return "joint"
     return "cross" if is_cross_attention(attn) else "self"
 
@@ -71,8 +74,13 @@ def attention_shape(attn: nn.Module, placement: str, joint_encoder: str = "share
     name = type(attn.atoms.original_processor if hasattr(attn, "atoms") else attn.processor).__name__
     if placement != "pre_out":
         raise AtomtuneError(f"placement {placement!r} is not supported with {name} yet; use pre_out")
-    if attn.to_v.out_features != attn.to_q.out_features:
-        raise AtomtuneError("attention mode does not support grouped key/value heads yet")
+    if layout.separate_added_kv and has_text_stream(attn):
+        raise AtomtuneError(
+            f"{name} attends this module's added image context (add_k_proj, add_v_proj: Wan "
+            f"image-to-video) in a second attention call, and atoms ride in one; Wan text-to-video only"
+        )
+    if attn.to_v.out_features != attn.to_q.out_features and not layout.repeats_kv:
+        raise AtomtuneError(f"attention mode does not support grouped key/value heads with {name} yet")
     width = context_width(attn, joint_encoder == "per_stream")
     if width < 0:
         raise AtomtuneError(
@@ -110,7 +118,8 @@ def _atom_processor_for(processor: object) -> object:
     if layout is None or type(processor).__name__ not in LAYOUTS:
         raise AtomtuneError(
             f"attention mode supports diffusers' default, SD3 (JointAttnProcessor2_0), Flux "
-            f"(FluxAttnProcessor) and Sana attention processors, found {type(processor).__name__}"
+            f"(FluxAttnProcessor), Sana, QwenImage, Wan, Lumina2 and HiDream attention processors, "
+            f"found {type(processor).__name__}"
         )
     if layout.linear:
         from atomtune.core.hosts.sana import SanaLinearAtomProcessor  # diffusers is optional

@@ -3,11 +3,16 @@
 Each host keeps its own processor; atoms only need to know which processor arguments hold the
 tokens that keys and values are made from, and in which order the host joins them in its one
 attention call (the kernel's key order). Everything else (RoPE, QK-norm, masks, the output
-projections) stays the host's. A row is checked by the tests' "value replay": channels built from
-the host's own value projections in this order equal the values its kernel receives.
+projections) stays the host's. Each row is checked by its host's tests: the adapted module against a
+float64 reference that joins the streams in the host's order, attention maps materialised.
 
 Read from diffusers 0.42.1 (``JointAttnProcessor2_0``: ``[image, text]``; ``FluxAttnProcessor``:
-``[text, image]``; Flux single blocks get the joint sequence as ``hidden_states`` already).
+``[text, image]``; Flux single blocks get the joint sequence as ``hidden_states`` already;
+QwenImage's ``QwenDoubleStreamAttnProcessor2_0``: ``[text, image]``; ``WanAttnProcessor``: one
+stream, self or cross, with the image-to-video context in a second call; ``Lumina2AttnProcessor2_0``:
+one stream, grouped k/v repeated to the query heads before its call, its own softmax scale;
+``HiDreamAttnProcessor``: ``[image, text]``, text through ``to_v_t``, single blocks on the joint
+sequence).
 """
 
 from __future__ import annotations
@@ -26,15 +31,24 @@ class HostLayout:
 
     Args:
         key_order: processor arguments in the order their tokens appear as keys, for modules with
-            a second (text) stream through ``add_v_proj``; a stream passed as ``None`` is absent.
-        single_stream_joint: a module without ``add_v_proj`` still attends text and image tokens
-            together (its ``hidden_states`` is the joint sequence: Flux single blocks).
+            a second (text) stream through its own value projection (``text_value``); a stream
+            passed as ``None`` is absent.
+        single_stream_joint: a module without a text value projection still attends text and image
+            tokens together (its ``hidden_states`` is the joint sequence: Flux and HiDream single
+            blocks).
         linear: the host's kernel is linear attention, not scaled-dot-product (own processor).
+        separate_added_kv: the host attends the ``add_k_proj``/``add_v_proj`` stream in an attention
+            call of its own (Wan image-to-video's image context); atoms ride in one call, so such
+            modules are refused.
+        repeats_kv: the host repeats grouped key/value heads up to the query heads before its call
+            (Lumina2), so the kernel sees one value head per query head, and so do the channels.
     """
 
     key_order: tuple[str, ...] = (HIDDEN, ENCODER)
     single_stream_joint: bool = False
     linear: bool = False
+    separate_added_kv: bool = False
+    repeats_kv: bool = False
 
 
 LAYOUTS: dict[str, HostLayout] = {
@@ -42,6 +56,10 @@ LAYOUTS: dict[str, HostLayout] = {
     "FluxAttnProcessor": HostLayout(key_order=(ENCODER, HIDDEN), single_stream_joint=True),
     "SanaAttnProcessor2_0": HostLayout(),
     "SanaLinearAttnProcessor2_0": HostLayout(linear=True),
+    "QwenDoubleStreamAttnProcessor2_0": HostLayout(key_order=(ENCODER, HIDDEN)),
+    "WanAttnProcessor": HostLayout(separate_added_kv=True),
+    "Lumina2AttnProcessor2_0": HostLayout(repeats_kv=True),
+    "HiDreamAttnProcessor": HostLayout(key_order=(HIDDEN, ENCODER), single_stream_joint=True),
 }
 
 
@@ -53,9 +71,21 @@ def layout_of(processor: object) -> HostLayout | None:
     return None
 
 
+TEXT_VALUES = ("add_v_proj", "to_v_t")  # diffusers' Attention and Flux; HiDream's own attention
+
+
+def text_value(attn: nn.Module) -> nn.Linear | None:
+    """The text tokens' own value projection in a two-stream module, ``None`` in a one-stream one."""
+    for name in TEXT_VALUES:
+        projection = getattr(attn, name, None)
+        if projection is not None:
+            return projection
+    return None
+
+
 def has_text_stream(attn: nn.Module) -> bool:
-    """Joint (two-stream) module: text tokens get their own value projection ``add_v_proj``."""
-    return getattr(attn, "add_v_proj", None) is not None
+    """Joint (two-stream) module: text tokens get their own value projection (``TEXT_VALUES``)."""
+    return text_value(attn) is not None
 
 
 def value_streams(attn: nn.Module, layout: HostLayout) -> list[tuple[str, nn.Linear]]:
@@ -63,7 +93,7 @@ def value_streams(attn: nn.Module, layout: HostLayout) -> list[tuple[str, nn.Lin
     ``encoder_hidden_states`` when given, else ``hidden_states`` (argument ``ENCODER``, resolved at call)."""
     if not has_text_stream(attn):
         return [(ENCODER, attn.to_v)]
-    projections = {HIDDEN: attn.to_v, ENCODER: attn.add_v_proj}
+    projections = {HIDDEN: attn.to_v, ENCODER: text_value(attn)}
     return [(arg, projections[arg]) for arg in layout.key_order]
 
 
@@ -73,14 +103,15 @@ def encoder_rows(attn: nn.Module, per_stream: bool) -> dict[str, slice | None]:
     if not per_stream or not has_text_stream(attn):
         return {HIDDEN: None, ENCODER: None}
     width = attn.to_v.in_features
-    return {HIDDEN: slice(0, width), ENCODER: slice(width, width + attn.add_v_proj.in_features)}
+    return {HIDDEN: slice(0, width), ENCODER: slice(width, width + text_value(attn).in_features)}
 
 
 def context_width(attn: nn.Module, per_stream: bool) -> int:
     """Rows of ``W_s``: the value input width, or the two streams' widths stacked (per-stream)."""
     width = attn.to_v.in_features
-    if per_stream and has_text_stream(attn):
-        return width + attn.add_v_proj.in_features
-    if has_text_stream(attn) and attn.add_v_proj.in_features != width:
+    text = text_value(attn)
+    if per_stream and text is not None:
+        return width + text.in_features
+    if text is not None and text.in_features != width:
         return -1  # a shared encoder needs one width: the caller names the problem
     return width

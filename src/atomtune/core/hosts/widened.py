@@ -1,16 +1,20 @@
 """Atoms inside a host's own attention processor: its one attention call, widened.
 
 A host processor (SD3's ``JointAttnProcessor2_0``, Flux's ``FluxAttnProcessor``, Sana's cross
-``SanaAttnProcessor2_0``) is kept as it is; ``atom_processor`` gives a subclass with the host's exact
-call signature (diffusers drops every keyword a processor does not name, so a ``*args`` wrapper
-would silently lose RoPE or masks). The subclass computes the coefficient channels ``c = Xc·W_s``
-from its own arguments (``layouts`` says which, in which order), then runs the host's ``__call__``
-under a ``TorchFunctionMode`` that catches its single ``F.scaled_dot_product_attention`` call and
-runs it over ``[v | c]`` instead (``functional.attention_with_atoms``: q, k zero-padded, the host's
-scale kept). ``ΔO`` is added to the kernel's output, which is exactly "before the output
-projection" whatever the host does next (split streams, ``to_add_out``, Flux single blocks'
-``proj_out`` over ``[attention | MLP]``). No host code is copied, so new diffusers releases keep
-their own processor logic; a change in stream order shows up as a key-length or replay mismatch.
+``SanaAttnProcessor2_0``, QwenImage's ``QwenDoubleStreamAttnProcessor2_0``, Wan's
+``WanAttnProcessor``, Lumina2's ``Lumina2AttnProcessor2_0``, HiDream's ``HiDreamAttnProcessor``) is
+kept as it is; ``atom_processor`` gives a subclass with the host's exact call signature (diffusers
+drops every keyword a processor does not name, so a ``*args`` wrapper would silently lose RoPE or
+masks). The subclass computes the coefficient channels ``c = Xc·W_s`` from its own arguments
+(``layouts`` says which, in which order), then runs the host's ``__call__`` under a
+``TorchFunctionMode`` that catches its single ``F.scaled_dot_product_attention`` call and runs it
+over ``[v | c]`` instead (``functional.attention_with_atoms``: q, k zero-padded, the host's scale
+kept; Lumina2 repeats its grouped k/v heads before the call, so the channels go per query head).
+``ΔO`` is added to the kernel's output, which is exactly "before the output projection" whatever
+the host does next (split streams, ``to_add_out``, Flux single blocks' ``proj_out`` over
+``[attention | MLP]``, HiDream's bare ``to_out`` and ``to_out_t``). No host code is copied, so new
+diffusers releases keep their own processor logic; a change in stream order shows up as a
+key-length mismatch or in the host tests' float64 references.
 """
 
 from __future__ import annotations
