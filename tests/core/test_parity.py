@@ -15,12 +15,18 @@ from atomtune.diffusion.sd3 import SD3Spec
 from atomtune.diffusion.spec import PixArtSpec
 from atomtune.errors import AtomtuneError
 from atomtune.tiny import tiny_flux, tiny_pixart, tiny_sana, tiny_sd3
+from host_helpers import tiny_hidream, tiny_lumina2, tiny_qwenimage, tiny_wan
 
 HOSTS = {
     "pixart": (tiny_pixart, PixArtSpec.target_modules),
     "sd3": (tiny_sd3, SD3Spec.target_modules),
     "flux": (tiny_flux, FluxSpec.target_modules),
     "sana": (tiny_sana, SanaSpec.target_modules),
+    # no pipeline spec yet: the targets of their LoRA training scripts (HOSTS.md)
+    "qwenimage": (tiny_qwenimage, ("to_q", "to_k", "to_v", "to_out.0")),
+    "wan": (tiny_wan, ("to_q", "to_k", "to_v", "to_out.0")),
+    "lumina2": (tiny_lumina2, ("to_q", "to_k", "to_v", "to_out.0")),
+    "hidream": (tiny_hidream, ("to_q", "to_k", "to_v", "to_out")),
 }
 
 
