@@ -17,7 +17,16 @@ from atomtune.speed.adapt import attention_path
 from atomtune.speed.measure import measure, measure_compiled, measure_memory, profile
 from atomtune.speed.models import resolve_atoms
 from atomtune.speed.report import write_report
-from atomtune.speed.settings import LATENT_SCALE, METHODS, PRESETS, check_memory_resolutions, method_specs
+from atomtune.speed.settings import (
+    COMPILED_HOSTS,
+    HOST_METHODS,
+    LATENT_SCALE,
+    PRESETS,
+    check_memory_resolutions,
+    check_methods,
+    host_of,
+    method_specs,
+)
 
 
 def run(
@@ -25,7 +34,7 @@ def run(
     batch: int = 1,
     device: str = "cpu",
     dtype: str = "float32",
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] | None = None,
     atoms: tuple[str | int, ...] = (256,),
     warmup: int = 2,
     repeats: int = 5,
@@ -35,15 +44,21 @@ def run(
     out: Path | None = None,
     profile_first: bool = False,
 ) -> dict[str, Any]:
-    """Every phase in turn; with ``out`` the report is rewritten after each measurement."""
+    """Every phase in turn; with ``out`` the report is rewritten after each measurement. ``methods``
+    defaults to every method that applies to the preset's host."""
     torch_dtype = getattr(torch, dtype)
+    host = host_of(preset)
+    methods = HOST_METHODS[host] if methods is None else methods
     if profile_first and out is None:
         raise AtomtuneError("--profile writes into the --out folder: give --out")
-    counts = resolve_atoms(atoms, preset)
-    specs = method_specs(methods, counts)
+    check_methods(methods, host)
     for m in compiled:
         if m not in ("bare", *methods):
             raise AtomtuneError(f"--compile {m}: not among the measured methods")
+    if compiled and host not in COMPILED_HOSTS:
+        raise AtomtuneError(f"--compile is measured on PixArt only; {preset} ({host}) runs eager")
+    counts = resolve_atoms(atoms, preset)
+    specs = method_specs(methods, counts, host)
     check_memory_resolutions(memory_resolutions)
     timing = {"warmup": warmup, "repeats": repeats, "prune_to": prune_to}
     settings = {"preset": preset, **PRESETS[preset], "batch": batch, "device": device, "dtype": dtype}
