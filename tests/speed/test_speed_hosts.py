@@ -186,3 +186,18 @@ def test_options_that_do_not_apply_end_in_one_line_and_exit_2(tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "speed.json").exists()  # nothing measured
+
+
+@pytest.mark.parametrize("preset", ["flux-dev-1024", "cpu-tiny-sd3"])
+def test_plan_prints_the_counts_of_core_parity_and_measures_nothing(tmp_path, capsys, preset):
+    main(cheap(tmp_path, "--plan", "--methods", "lora,atoms", "--atoms", "parity,7", preset=preset))
+    out = capsys.readouterr().out
+    host = {**TINY, **FULL}[preset]
+    meta = models.build_transformer(preset, "meta", torch.float32)
+    parity = parity_atoms(meta, AtomConfig(), SPECS[host].target_modules)
+    params = parity * parameters_per_atom(meta, AtomConfig())[0]
+    assert f"{sum(p.numel() for p in meta.parameters()):,} parameters\n" in out
+    assert f": {lora_parameters(meta, SPECS[host].target_modules):,} parameters\n" in out
+    assert f"atoms at parity: {parity} per attention module, {params:,} parameters\n" in out
+    assert f"rows: bare, lora, atoms {parity}, atoms 7\n" in out
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -12,7 +12,7 @@ import torch
 
 from atomtune.errors import AtomtuneError
 from atomtune.speed.report import markdown
-from atomtune.speed.runner import run
+from atomtune.speed.runner import plan, run
 from atomtune.speed.settings import HOST_METHODS, METHODS, PRESETS, host_of
 
 
@@ -58,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first write --out/profile-atoms-N.txt: the operators of atoms' step",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the preset's parameter counts, atoms at parity and the rows a run would measure; "
+        "measure nothing",
+    )
     return p
 
 
@@ -74,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
             raise AtomtuneError(
                 f"--memory-resolutions takes pixels, got {args.memory_resolutions!r}"
             ) from None
+        if args.plan:
+            print(plan(args.preset, methods, _list(args.atoms)))
+            return
         report = run(
             args.preset,
             args.batch,

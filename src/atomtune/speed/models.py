@@ -80,11 +80,20 @@ def parity_atoms(model: nn.Module, preset: str, rank: int = LORA_RANK) -> int:
     return config.resolved(model, host(preset).target_modules).num_atoms
 
 
+def atom_parameters(model: nn.Module, count: int) -> int:
+    """Trainable parameters of ``count`` atoms per module, with the atom settings the harness trains."""
+    return parameters_per_atom(model, _shapes_only())[0] * count
+
+
+def _shapes_only():
+    return method_config("atoms", 1).atom_config()  # which modules, placement, encoder layout
+
+
 def resolve_atoms(entries: tuple[str | int, ...], preset: str) -> tuple[int, ...]:
     """``"parity"`` → the atom count at LoRA r=16's parameters (``parity_atoms``); numbers as given,
     checked against the heads they must split over. Reads the preset's model on the meta device."""
     model = build_transformer(preset, "meta", torch.float32)  # shapes only
-    multiple = parameters_per_atom(model, method_config("atoms", 1).atom_config())[1]
+    multiple = parameters_per_atom(model, _shapes_only())[1]
     counts = []
     for entry in entries:
         if entry == "parity":

@@ -2,7 +2,8 @@
 
 Phases: an optional profile first (so a run cut short still has it), the eager table (the bare
 model first: the reference of every "vs bare" ratio), compiled inference, then peak training memory
-at other resolutions. Every option is checked before the first measurement, which can take minutes.
+at other resolutions. Every option is checked before the first measurement, which can take minutes;
+``plan`` says what a run would measure, from the model's shapes alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import torch
 from atomtune.errors import AtomtuneError
 from atomtune.speed.adapt import attention_path
 from atomtune.speed.measure import measure, measure_compiled, measure_memory, profile
-from atomtune.speed.models import resolve_atoms
+from atomtune.speed.models import (
+    atom_parameters,
+    build_transformer,
+    host,
+    lora_params,
+    parity_atoms,
+    resolve_atoms,
+)
 from atomtune.speed.report import write_report
 from atomtune.speed.settings import (
     COMPILED_HOSTS,
@@ -94,6 +102,28 @@ def run(
             report["memory"].append(measure_memory(spec, preset, batch, device, torch_dtype, resolution))
             save()
     return report
+
+
+def plan(
+    preset: str, methods: tuple[str, ...] | None = None, atoms: tuple[str | int, ...] = ("parity",)
+) -> str:
+    """The preset's sizes and the rows a run would measure, read from the model on the meta device
+    (nothing allocated, nothing timed): parameters, LoRA r=16's on the host's targets, atoms per
+    module at parity."""
+    name = host_of(preset)
+    methods = HOST_METHODS[name] if methods is None else methods
+    check_methods(methods, name)
+    specs = method_specs(methods, resolve_atoms(atoms, preset), name)
+    model = build_transformer(preset, "meta", torch.float32)
+    targets = ", ".join(host(preset).target_modules)
+    parity = parity_atoms(model, preset)
+    return (
+        f"{preset} ({name}, {PRESETS[preset]['sample'] * LATENT_SCALE} px): "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters\n"
+        f"LoRA r=16 on {targets}: {lora_params(model, preset):,} parameters\n"
+        f"atoms at parity: {parity} per attention module, {atom_parameters(model, parity):,} parameters\n"
+        f"rows: {', '.join(sp['label'] for sp in specs)}"
+    )
 
 
 def relate(report: dict[str, Any]) -> None:
