@@ -55,18 +55,18 @@ def run(
     """Every phase in turn; with ``out`` the report is rewritten after each measurement. ``methods``
     defaults to every method that applies to the preset's host."""
     torch_dtype = getattr(torch, dtype)
-    host = host_of(preset)
-    methods = HOST_METHODS[host] if methods is None else methods
+    name = host_of(preset)
+    methods = HOST_METHODS[name] if methods is None else methods
     if profile_first and out is None:
         raise AtomtuneError("--profile writes into the --out folder: give --out")
-    check_methods(methods, host)
+    check_methods(methods, name)
     for m in compiled:
         if m not in ("bare", *methods):
             raise AtomtuneError(f"--compile {m}: not among the measured methods")
-    if compiled and host not in COMPILED_HOSTS:
-        raise AtomtuneError(f"--compile is measured on PixArt only; {preset} ({host}) runs eager")
+    if compiled and name not in COMPILED_HOSTS:
+        raise AtomtuneError(f"--compile is measured on PixArt only; {preset} ({name}) runs eager")
     counts = resolve_atoms(atoms, preset)
-    specs = method_specs(methods, counts, host)
+    specs = method_specs(methods, counts, name)
     check_memory_resolutions(memory_resolutions)
     timing = {"warmup": warmup, "repeats": repeats, "prune_to": prune_to}
     settings = {"preset": preset, **PRESETS[preset], "batch": batch, "device": device, "dtype": dtype}
