@@ -1,10 +1,10 @@
 """Models built from configs in-process: for the self-check, the tests and quick experiments.
 
 No download, a second to build. The PixArt ones are the real ``PixArtTransformer2DModel`` class with
-small sizes, so everything that works here runs the same code path as PixArt-α/Σ. Every PixArt
-transformer atomtune builds from a config (this tiny one, the testbed's digit model, the speed
-benchmark's PixArt-Σ-sized ones) is built by ``pixart_from_config``, so a seed means the same
-weights everywhere.
+small sizes, so everything that works here runs the same code path as PixArt-α/Σ. Every
+transformer atomtune builds from a config with random weights (this tiny one, the testbed's digit
+model, the speed benchmark's full-size hosts) is built by ``from_config`` (``pixart_from_config``
+for PixArt), so a seed means the same weights everywhere.
 """
 
 from __future__ import annotations
@@ -15,17 +15,22 @@ from typing import Any
 import torch
 
 
-def pixart_from_config(config: dict[str, Any], seed: int = 0, device: str | torch.device | None = None):
-    """``PixArtTransformer2DModel(**config)`` with random weights drawn after ``torch.manual_seed(seed)``.
+def from_config(model_class: type, config: dict[str, Any], seed: int = 0, device=None):
+    """``model_class(**config)`` with random weights drawn after ``torch.manual_seed(seed)``.
 
     ``device`` initialises the weights in place there (a 600 M model builds in seconds on a GPU
     instead of minutes on the CPU; ``"meta"`` gives the shapes only); ``None`` builds on the CPU.
     """
-    from diffusers import PixArtTransformer2DModel
-
     torch.manual_seed(seed)
     with torch.device(device) if device is not None else nullcontext():
-        return PixArtTransformer2DModel(**config)
+        return model_class(**config)
+
+
+def pixart_from_config(config: dict[str, Any], seed: int = 0, device: str | torch.device | None = None):
+    """``PixArtTransformer2DModel(**config)`` built by ``from_config``."""
+    from diffusers import PixArtTransformer2DModel
+
+    return from_config(PixArtTransformer2DModel, config, seed, device)
 
 
 def tiny_pixart(seed: int = 0, heads: int = 2, head_dim: int = 8, layers: int = 2, sample_size: int = 8):

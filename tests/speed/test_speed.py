@@ -9,30 +9,15 @@ import logging
 
 import pytest
 import torch
+from speed_helpers import cheap
 
 from atomtune.diffusion.methods import MethodConfig
 from atomtune.speed import adapt, models, runner
 from atomtune.speed.cli import main
 
 
-def _cheap(tmp_path, *extra):
-    return [
-        "--preset",
-        "cpu-tiny",
-        "--device",
-        "cpu",
-        "--warmup",
-        "0",
-        "--repeats",
-        "1",
-        "--out",
-        str(tmp_path),
-        *extra,
-    ]
-
-
 def test_speed_harness_smoke(tmp_path, capsys):
-    main(_cheap(tmp_path))
+    main(cheap(tmp_path))
     report = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["label"]: r for r in report["results"]}
     assert list(rows) == [
@@ -66,11 +51,11 @@ def test_speed_harness_smoke(tmp_path, capsys):
 
 def test_bare_is_always_the_reference_and_atoms_run_at_several_counts(tmp_path):
     """``--methods atoms,lora`` once printed "nanx" under "vs bare": the bare row now comes first."""
-    argv = _cheap(tmp_path, "--methods", "atoms,lora", "--atoms", "parity,32", "--prune-to", "8")
+    argv = cheap(tmp_path, "--methods", "atoms,lora", "--atoms", "parity,32", "--prune-to", "8")
     main([*argv, "--compile", "atoms", "--memory-resolutions", "64"])
     report = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["label"]: r for r in report["results"]}
-    parity = models.parity_atoms(models.build_transformer("cpu-tiny", "cpu", torch.float32))
+    parity = models.parity_atoms(models.build_transformer("cpu-tiny", "cpu", torch.float32), "cpu-tiny")
     assert list(rows) == ["bare", f"atoms {parity}", "atoms 32", "lora"]
     assert "nan" not in (tmp_path / "speed.md").read_text()
     assert rows[f"atoms {parity}"]["inference_compiled_ms"] > 0  # compiled: atoms at the first count
@@ -85,13 +70,13 @@ def test_bare_is_always_the_reference_and_atoms_run_at_several_counts(tmp_path):
 def test_parity_is_the_atom_count_nearest_lora_r16(preset):
     model = models.build_transformer(preset, "cpu", torch.float32)
     heads = model.config.num_attention_heads
-    lora = models.lora_params(model)
+    lora = models.lora_params(model, preset)
 
     def atom_params(n):
         m = models.build_transformer(preset, "cpu", torch.float32)
         return adapt.apply_method(m, "atoms", n).num_trainable_parameters()
 
-    n = models.parity_atoms(model)
+    n = models.parity_atoms(model, preset)
     assert n % heads == 0
     gap = abs(atom_params(n) - lora)
     assert gap <= abs(atom_params(n + heads) - lora) and gap <= abs(atom_params(n - heads) - lora)
@@ -119,7 +104,7 @@ def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "measure", fail_on_third)
     with pytest.raises(RuntimeError):
-        main(_cheap(tmp_path, "--methods", "atoms,lora,oft", "--atoms", "8"))
+        main(cheap(tmp_path, "--methods", "atoms,lora,oft", "--atoms", "8"))
     report = json.loads((tmp_path / "speed.json").read_text())
     assert [r["label"] for r in report["results"]] == ["bare", "atoms 8"]
     assert "| atoms 8 |" in (tmp_path / "speed.md").read_text()
@@ -157,7 +142,7 @@ def test_atom_variants_differ_only_in_the_attention_path():
 )
 def test_bad_options_end_in_one_line_and_exit_2(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exc:
-        main(_cheap(tmp_path, "--methods", "atoms", *extra))
+        main(cheap(tmp_path, "--methods", "atoms", *extra))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err

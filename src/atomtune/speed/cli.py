@@ -12,8 +12,8 @@ import torch
 
 from atomtune.errors import AtomtuneError
 from atomtune.speed.report import markdown
-from atomtune.speed.runner import run
-from atomtune.speed.settings import METHODS, PRESETS
+from atomtune.speed.runner import plan, run
+from atomtune.speed.settings import HOST_METHODS, METHODS, PRESETS, host_of
 
 
 def _list(text: str) -> tuple[str, ...]:
@@ -22,11 +22,15 @@ def _list(text: str) -> tuple[str, ...]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="atoms vs PEFT baselines: speed and memory")
-    p.add_argument("--preset", choices=PRESETS, default="cpu-tiny")
+    p.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--methods", default=",".join(METHODS), help="the bare model is always measured")
+    p.add_argument(
+        "--methods",
+        help=f"from {','.join(METHODS)} (default: all that apply to the preset's host); "
+        "the bare model is always measured",
+    )
     p.add_argument(
         "--atoms",
         default="256",
@@ -54,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first write --out/profile-atoms-N.txt: the operators of atoms' step",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the preset's parameter counts, atoms at parity and the rows a run would measure; "
+        "measure nothing",
+    )
     return p
 
 
@@ -61,14 +71,18 @@ def main(argv: list[str] | None = None) -> None:
     cli = parser()
     args = cli.parse_args(argv)
     try:
-        methods = _list(args.methods)
-        compiled = ("bare", *methods) if args.compile == "all" else _list(args.compile)
+        methods = None if args.methods is None else _list(args.methods)
+        measured = HOST_METHODS[host_of(args.preset)] if methods is None else methods
+        compiled = ("bare", *measured) if args.compile == "all" else _list(args.compile)
         try:
             resolutions = tuple(int(r) for r in _list(args.memory_resolutions))
         except ValueError:
             raise AtomtuneError(
                 f"--memory-resolutions takes pixels, got {args.memory_resolutions!r}"
             ) from None
+        if args.plan:
+            print(plan(args.preset, methods, _list(args.atoms)))
+            return
         report = run(
             args.preset,
             args.batch,

@@ -25,7 +25,7 @@ from atomtune.core.selection import top_k_masks
 from atomtune.core.stats import weight_importance
 from atomtune.diffusion.tuned import SIDECAR, AtomTuned, Tuned
 from atomtune.speed.adapt import adapt
-from atomtune.speed.models import build_transformer, lora_params, make_inputs
+from atomtune.speed.models import build_transformer, host, lora_params, make_inputs
 from atomtune.speed.settings import LATENT_SCALE
 
 
@@ -98,6 +98,10 @@ def _forward(model: nn.Module, inputs: dict[str, Any]) -> Callable[[], None]:
     return forward
 
 
+def _adapt(model: nn.Module, spec: dict[str, Any], preset: str) -> Tuned | None:
+    return adapt(model, spec["method"], spec.get("num_atoms", 0), host(preset).target_modules)
+
+
 def adapter_mb(tuned: Tuned) -> float:
     """Size of the method's own files as training saves them (atomtune's sidecar left out: the same
     small record for every method)."""
@@ -114,15 +118,18 @@ def measure(
     model = build_transformer(preset, device, dtype)
     inputs = make_inputs(preset, batch, device, dtype)
     row: dict[str, Any] = dict(spec)
-    row["lora_r16_params"] = lora_params(model)
-    tuned = adapt(model, spec["method"], spec.get("num_atoms", 0))
+    row["lora_r16_params"] = lora_params(model, preset)
+    tuned = _adapt(model, spec, preset)
     row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row["params_vs_lora_r16"] = row["trainable_params"] / row["lora_r16_params"]
 
     step = training_step(model, tuned, inputs)
     _reset_peak(device)
-    row["train_step_ms"] = median_ms(step, timing["warmup"], timing["repeats"], device)
-    row["train_peak_gb"] = _peak_gb(device)
+    try:
+        row["train_step_ms"] = median_ms(step, timing["warmup"], timing["repeats"], device)
+        row["train_peak_gb"] = _peak_gb(device)
+    except torch.OutOfMemoryError:  # the table says so; inference is still measured
+        row["train_step_ms"], row["train_peak_gb"], row["out_of_memory"] = None, None, True
     del step
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -151,7 +158,7 @@ def measure_compiled(
     _reset_peak(device)
     model = build_transformer(preset, device, dtype)
     inputs = make_inputs(preset, batch, device, dtype)
-    adapt(model, spec["method"], spec.get("num_atoms", 0))
+    _adapt(model, spec, preset)
     model.eval()
     dx.compile_blocks(model)
     forward = _forward(model, inputs)
@@ -172,7 +179,7 @@ def measure_memory(
     _reset_peak(device)
     model = build_transformer(preset, device, dtype, sample)
     inputs = make_inputs(preset, batch, device, dtype, sample)
-    tuned = adapt(model, spec["method"], spec.get("num_atoms", 0))
+    tuned = _adapt(model, spec, preset)
     row: dict[str, Any] = {"label": spec["label"], "resolution": resolution, "tokens": (sample // 2) ** 2}
     step = training_step(model, tuned, inputs)
     try:
@@ -195,7 +202,7 @@ def profile(
 
     model = build_transformer(preset, device, dtype)
     inputs = make_inputs(preset, batch, device, dtype)
-    tuned = adapt(model, spec["method"], spec.get("num_atoms", 0))
+    tuned = _adapt(model, spec, preset)
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"

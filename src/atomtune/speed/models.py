@@ -1,51 +1,45 @@
-"""The host measured: PixArt at a preset's size with random weights, its inputs, and the parameter
-yardstick (LoRA r=16's count, and the atom count that comes nearest it).
+"""The host measured: a preset's transformer with random weights, its inputs, and the parameter
+yardstick (LoRA r=16's count on the host's LoRA targets, and the atom count that comes nearest it).
 
-Random weights suffice: a step costs the same whatever the weights' values. The transformer is
-built by ``tiny.pixart_from_config``, the one builder of PixArt transformers from a config.
+Random weights suffice: a step costs the same whatever the weights' values. Each host's class,
+config, inputs and LoRA targets are its entry in ``hosts.HOSTS``; every transformer is built by
+``tiny.from_config`` (as ``tiny.pixart_from_config`` builds PixArt's, so a seed means the same
+weights everywhere), initialised in place on the device. Both counts come from
+``core.parity``, read from shapes alone: a model built on the ``meta`` device answers for a
+full-size host without its weights.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from atomtune.core.hosts import diffusers as dx
-from atomtune.speed.settings import PRESETS, check_atom_count
-from atomtune.tiny import pixart_from_config
+from atomtune.core.parity import lora_parameters, parameters_per_atom
+from atomtune.speed.adapt import method_config
+from atomtune.speed.hosts import HOSTS, Host
+from atomtune.speed.settings import PRESETS, check_atom_count, host_of
+from atomtune.tiny import from_config
 
 LORA_RANK = 16  # the yardstick of "vs LoRA r16 params" and of atoms at "parity"
+STATES = ("hidden_states", "encoder_hidden_states", "pooled_projections")  # in the host's dtype
 
 
-def pixart_config(preset: str, sample: int | None = None) -> dict[str, Any]:
-    """``PixArtTransformer2DModel`` arguments at the preset's size; ``sample`` (latent side) overrides
-    the preset's."""
-    p = PRESETS[preset]
-    sample = sample or p["sample"]
-    return {
-        "num_attention_heads": p["heads"],
-        "attention_head_dim": p["head_dim"],
-        "in_channels": 4,
-        "out_channels": 8,
-        "num_layers": p["layers"],
-        "cross_attention_dim": p["heads"] * p["head_dim"],
-        "sample_size": sample,
-        "patch_size": 2,
-        "caption_channels": p["caption"],
-        "interpolation_scale": max(sample // 64, 1),
-        "use_additional_conditions": False,  # as PixArt-Σ's published config
-    }
+def host(preset: str) -> Host:
+    return HOSTS[host_of(preset)]
 
 
 def build_transformer(preset: str, device: str, dtype: torch.dtype, sample: int | None = None) -> nn.Module:
-    """PixArt at the preset's size with random weights (seed 0), initialised in place on ``device``."""
+    """The preset's transformer with random weights (seed 0), initialised in place on ``device``
+    (``"meta"``: shapes only); ``sample`` (latent side) overrides the preset's."""
     from atomtune.progress import show_notices_once
 
     show_notices_once(("diffusers",))  # a notice per model built would repeat once per method
-    model = pixart_from_config(pixart_config(preset, sample), seed=0, device=device)
-    return cast_host(model, dtype)
+    p, h = PRESETS[preset], host(preset)
+    config = h.config(p, sample or p["sample"])
+    return cast_host(from_config(h.diffusers_class(), config, seed=0, device=device), dtype)
 
 
 def cast_host(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -63,48 +57,47 @@ def cast_host(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def make_inputs(
     preset: str, batch: int, device: str, dtype: torch.dtype, sample: int | None = None
 ) -> dict[str, Any]:
-    """Random latents and caption states of the preset's shapes (seed 0), timestep 500."""
+    """Random inputs of the preset's shapes (seed 0): latents and text states in ``dtype``, the
+    rest (timestep, position ids, guidance) as the host's pipeline passes them."""
     p = PRESETS[preset]
-    sample = sample or p["sample"]
-    g = torch.Generator().manual_seed(0)
-    return {
-        "hidden_states": torch.randn(batch, 4, sample, sample, generator=g).to(device, dtype),
-        "encoder_hidden_states": torch.randn(batch, p["text"], p["caption"], generator=g).to(device, dtype),
-        "timestep": torch.full((batch,), 500, device=device),
-        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-    }
+    inputs = host(preset).inputs(p, batch, sample or p["sample"], torch.Generator().manual_seed(0))
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            inputs[name] = value.to(device, dtype) if name in STATES else value.to(device)
+    return inputs
 
 
-def _attentions(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if dx.is_attention(m)]
+def lora_params(model: nn.Module, preset: str, rank: int = LORA_RANK) -> int:
+    """Trainable parameters of LoRA ``rank`` on the host's LoRA targets (``core.parity``)."""
+    return lora_parameters(model, host(preset).target_modules, rank)
 
 
-def lora_params(model: nn.Module, rank: int = LORA_RANK) -> int:
-    """Trainable parameters of LoRA ``rank`` on q, k, v and out: ``rank·(in + out)`` per linear."""
-    total = 0
-    for attn in _attentions(model):
-        for linear in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
-            total += rank * (linear.in_features + linear.out_features)
-    return total
+def parity_atoms(model: nn.Module, preset: str, rank: int = LORA_RANK) -> int:
+    """Atoms per module whose trainable parameters come nearest LoRA ``rank``'s on the host's LoRA
+    targets: ``core.parity.parity_atoms`` with the atom settings the harness trains (a multiple of
+    the heads on PixArt, any count on hosts whose processors pad an uneven split)."""
+    config = replace(method_config("atoms", "parity"), rank=rank)
+    return config.resolved(model, host(preset).target_modules).num_atoms
 
 
-def parity_atoms(model: nn.Module, rank: int = LORA_RANK) -> int:
-    """Atoms per module whose trainable parameters come nearest LoRA ``rank``'s (a multiple of the heads).
+def atom_parameters(model: nn.Module, count: int) -> int:
+    """Trainable parameters of ``count`` atoms per module, with the atom settings the harness trains."""
+    return parameters_per_atom(model, _shapes_only())[0] * count
 
-    Per attention module atoms train ``W_s`` (context x M), ``D`` (M x value width) and λ (M).
-    """
-    attns = _attentions(model)
-    per_atom = sum(a.to_v.in_features + a.to_out[0].in_features + 1 for a in attns)
-    heads = attns[0].heads
-    return max(heads, round(lora_params(model, rank) / per_atom / heads) * heads)
+
+def _shapes_only():
+    return method_config("atoms", 1).atom_config()  # which modules, placement, encoder layout
 
 
 def resolve_atoms(entries: tuple[str | int, ...], preset: str) -> tuple[int, ...]:
-    """``"parity"`` → the atom count at LoRA r=16's parameters (``parity_atoms``); numbers as given."""
+    """``"parity"`` → the atom count at LoRA r=16's parameters (``parity_atoms``); numbers as given,
+    checked against the heads they must split over. Reads the preset's model on the meta device."""
+    model = build_transformer(preset, "meta", torch.float32)  # shapes only
+    multiple = parameters_per_atom(model, _shapes_only())[1]
     counts = []
     for entry in entries:
         if entry == "parity":
-            counts.append(parity_atoms(build_transformer(preset, "meta", torch.float32)))  # shapes only
+            counts.append(parity_atoms(model, preset))
         else:
-            counts.append(check_atom_count(entry, preset))
+            counts.append(check_atom_count(entry, multiple))
     return tuple(dict.fromkeys(counts))

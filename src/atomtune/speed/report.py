@@ -46,7 +46,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['trainable_params']:,}",
             _x(r["params_vs_lora_r16"]),
             _ms(r.get("train_step_ms")),
-            _gb(r.get("train_peak_gb")),
+            _gb("out of memory" if r.get("out_of_memory") else r.get("train_peak_gb")),
             infer,
             vs,
         ]

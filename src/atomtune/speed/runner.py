@@ -2,7 +2,8 @@
 
 Phases: an optional profile first (so a run cut short still has it), the eager table (the bare
 model first: the reference of every "vs bare" ratio), compiled inference, then peak training memory
-at other resolutions. Every option is checked before the first measurement, which can take minutes.
+at other resolutions. Every option is checked before the first measurement, which can take minutes;
+``plan`` says what a run would measure, from the model's shapes alone.
 """
 
 from __future__ import annotations
@@ -15,9 +16,25 @@ import torch
 from atomtune.errors import AtomtuneError
 from atomtune.speed.adapt import attention_path
 from atomtune.speed.measure import measure, measure_compiled, measure_memory, profile
-from atomtune.speed.models import resolve_atoms
+from atomtune.speed.models import (
+    atom_parameters,
+    build_transformer,
+    host,
+    lora_params,
+    parity_atoms,
+    resolve_atoms,
+)
 from atomtune.speed.report import write_report
-from atomtune.speed.settings import LATENT_SCALE, METHODS, PRESETS, check_memory_resolutions, method_specs
+from atomtune.speed.settings import (
+    COMPILED_HOSTS,
+    HOST_METHODS,
+    LATENT_SCALE,
+    PRESETS,
+    check_memory_resolutions,
+    check_methods,
+    host_of,
+    method_specs,
+)
 
 
 def run(
@@ -25,7 +42,7 @@ def run(
     batch: int = 1,
     device: str = "cpu",
     dtype: str = "float32",
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] | None = None,
     atoms: tuple[str | int, ...] = (256,),
     warmup: int = 2,
     repeats: int = 5,
@@ -35,15 +52,21 @@ def run(
     out: Path | None = None,
     profile_first: bool = False,
 ) -> dict[str, Any]:
-    """Every phase in turn; with ``out`` the report is rewritten after each measurement."""
+    """Every phase in turn; with ``out`` the report is rewritten after each measurement. ``methods``
+    defaults to every method that applies to the preset's host."""
     torch_dtype = getattr(torch, dtype)
+    name = host_of(preset)
+    methods = HOST_METHODS[name] if methods is None else methods
     if profile_first and out is None:
         raise AtomtuneError("--profile writes into the --out folder: give --out")
-    counts = resolve_atoms(atoms, preset)
-    specs = method_specs(methods, counts)
+    check_methods(methods, name)
     for m in compiled:
         if m not in ("bare", *methods):
             raise AtomtuneError(f"--compile {m}: not among the measured methods")
+    if compiled and name not in COMPILED_HOSTS:
+        raise AtomtuneError(f"--compile is measured on PixArt only; {preset} ({name}) runs eager")
+    counts = resolve_atoms(atoms, preset)
+    specs = method_specs(methods, counts, name)
     check_memory_resolutions(memory_resolutions)
     timing = {"warmup": warmup, "repeats": repeats, "prune_to": prune_to}
     settings = {"preset": preset, **PRESETS[preset], "batch": batch, "device": device, "dtype": dtype}
@@ -79,6 +102,28 @@ def run(
             report["memory"].append(measure_memory(spec, preset, batch, device, torch_dtype, resolution))
             save()
     return report
+
+
+def plan(
+    preset: str, methods: tuple[str, ...] | None = None, atoms: tuple[str | int, ...] = ("parity",)
+) -> str:
+    """The preset's sizes and the rows a run would measure, read from the model on the meta device
+    (nothing allocated, nothing timed): parameters, LoRA r=16's on the host's targets, atoms per
+    module at parity."""
+    name = host_of(preset)
+    methods = HOST_METHODS[name] if methods is None else methods
+    check_methods(methods, name)
+    specs = method_specs(methods, resolve_atoms(atoms, preset), name)
+    model = build_transformer(preset, "meta", torch.float32)
+    targets = ", ".join(host(preset).target_modules)
+    parity = parity_atoms(model, preset)
+    return (
+        f"{preset} ({name}, {PRESETS[preset]['sample'] * LATENT_SCALE} px): "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters\n"
+        f"LoRA r=16 on {targets}: {lora_params(model, preset):,} parameters\n"
+        f"atoms at parity: {parity} per attention module, {atom_parameters(model, parity):,} parameters\n"
+        f"rows: {', '.join(sp['label'] for sp in specs)}"
+    )
 
 
 def relate(report: dict[str, Any]) -> None:
