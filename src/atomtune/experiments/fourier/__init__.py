@@ -87,6 +87,8 @@ from atomtune.experiments.fourier.measures import (
     linear_reference,
     partial_sum_errors,
     spectra,
+    subspace_basis,
+    subspace_references,
 )
 from atomtune.experiments.fourier.run import run_fourier
 from atomtune.experiments.fourier.settings import KINDS, LAYOUTS, FourierSettings
@@ -108,5 +110,7 @@ __all__ = [
     "positional_encoding",
     "run_fourier",
     "spectra",
+    "subspace_basis",
+    "subspace_references",
     "train_block",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from atomtune.experiments.fourier.block import FourierBlock
-from atomtune.experiments.fourier.measures import evaluate, linear_reference
+from atomtune.experiments.fourier.measures import evaluate, linear_reference, subspace_references
 from atomtune.experiments.fourier.report import example_signal, figure_png
 from atomtune.experiments.fourier.settings import FourierSettings
 from atomtune.experiments.fourier.signals import make_signals
@@ -47,6 +47,7 @@ def run_fourier(
         "settings": asdict(s),
         "bases": None if bases is None else bases.tolist(),
         "linear_nmse": linear_reference(train, test),
+        "references": None if bases is None else subspace_references(test, bases),
     }
     blocks: dict[str, FourierBlock] = {}
     trained = train_blocks(s, lift, train, progress, processes)

@@ -88,7 +88,11 @@ class FourierSettings:
         """The tests' and ``--fast``'s setting: fewer steps, 128 held-out signals (seconds, not minutes)."""
         if layout == "lifted":
             return cls.for_layout(seed, layout).replace(steps=1500, eval_signals=128)
-        return cls.for_layout(seed, layout).replace(steps=500, eval_signals=128)
+        # Width 64 at twice the learning rate: at width 128, 400-500 steps stop at the linear map's error;
+        # this setting beats it within about a minute of CPU (seed 0: dense 0.19, sparse 0.10, map 0.31).
+        return cls.for_layout(seed, layout).replace(
+            steps=600, feature_dim=64, lr_dense=6e-3, lr_sparse=6e-3, eval_signals=128
+        )
 
     def replace(self, **changes: Any) -> FourierSettings:
         return replace(self, **changes)
