@@ -83,7 +83,8 @@ class FourierBlock(nn.Module):
                 MixingLayer(c, s.mixing_heads, s.mixing_mlp) for _ in range(s.mixing_layers)
             )
         self.W_in = nn.Parameter(torch.randn(raw, c) / math.sqrt(raw))
-        # Small q/k weights: attention starts uniform, so the sum over tokens starts as a plain average.
+        # "lifted": small q/k weights (0.02), so attention starts uniform and the sum over tokens starts
+        # as a plain average. "positions": 1/√width, so the block can learn to attend by position sooner.
         self.W_q = nn.Parameter(torch.randn(c, c) * s.qk_init_std)
         self.W_k = nn.Parameter(torch.randn(c, c) * s.qk_init_std)
         if kind == "dense":
@@ -104,8 +105,10 @@ class FourierBlock(nn.Module):
         """(B, T) signal and mask → (B, tokens, feature_dim).
 
         "lifted": token j is ``[p_j·(x⊙mask), mask]·W_in`` (64 lifted dims as tokens).
-        "positions": token t is ``[x_t·m_t·p, m_t, PE(t)]·W_in``: its observed value lifted to 64
-        dims (0 where masked), its observation flag and a 63-d sinusoidal position code.
+        "positions": token t is ``[x_t·m_t·p, m_t, PE(t), m_t·PE(t), x_t·m_t·PE(t)]·W_in``: its observed
+        value lifted to 64 dims (0 where masked), its observation flag, a 63-d sinusoidal position code
+        and (``position_products``) the code times the flag and times the observed value; then the
+        mixing layers.
         """
         if self.settings.layout == "lifted":
             lifted = self.lift[None, :, None] * (x * mask)[:, None, :]
