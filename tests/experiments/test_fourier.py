@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -18,6 +19,8 @@ from atomtune.experiments.fourier import (
     positional_encoding,
     run_fourier,
     spectra,
+    subspace_basis,
+    subspace_references,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,22 +33,40 @@ def fast_run(tmp_path_factory):
     return out, result
 
 
-def test_positions_layout_fast_setting(tmp_path):
-    """The paper's layout (a token per sample, mixing layers first) in its fast setting (500 steps).
+def test_positions_layout_fast_setting_beats_the_linear_map(tmp_path):
+    """The default layout (a token per sample, attention layers first) in its fast setting solves the task
+    better than any fixed linear map, for both blocks, and the sparse block's codes are sparse.
 
-    Measured: masked NMSE dense 0.297, sparse 0.303, best linear map 0.306: both blocks beat the
-    linear map, by 1-3% only, at 500 steps (not the 0.05 aimed at); the sparse block's codes are
-    sparse and a signal needs about 2 of its atoms (one atom's curve over the samples can carry a
-    signal).
+    Measured (seed 0, 600 steps at width 64): masked NMSE dense 0.19, sparse 0.10, best linear map 0.31.
+    The two blocks train side by side in two processes, as the command does.
     """
-    r = run_fourier(FourierSettings.fast(seed=0, layout="positions"), tmp_path, progress=False)
+    r = run_fourier(FourierSettings.fast(seed=0), tmp_path, progress=False, processes=2)
     assert r["settings"]["layout"] == "positions"
     for kind in ("dense", "sparse"):
-        assert r[kind]["masked_nmse"] < 0.7  # predicting zero scores 1.0
-        assert r[kind]["masked_nmse"] < r["linear_nmse"], (kind, r[kind]["masked_nmse"], r["linear_nmse"])
+        assert r[kind]["masked_nmse"] < 0.8 * r["linear_nmse"], (
+            kind,
+            r[kind]["masked_nmse"],
+            r["linear_nmse"],
+        )
+    assert r["references"]["oracle_nmse"] < 1e-6  # the task is solvable: 16 samples fix the 10 coefficients
     assert 1 <= r["sparse"]["atoms_needed_mean"] <= r["sparse"]["atoms_total"]
     assert r["sparse"]["nonzero_coefficients_fraction"] < 0.5 < r["dense"]["nonzero_coefficients_fraction"]
-    assert r["sparse"]["atoms_needed_mean"] < r["dense"]["atoms_needed_mean"]
+
+
+def test_two_processes_train_the_same_blocks(tmp_path):
+    """Training the blocks side by side (one thread each) gives the blocks of training them in turn."""
+    tiny = FourierSettings(seed=3, steps=15, train_signals=128, eval_signals=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = run_fourier(tiny, tmp_path / "a", progress=False, processes=1)
+        b = run_fourier(tiny, tmp_path / "b", progress=False, processes=2)
+    finally:
+        torch.set_num_threads(threads)
+    for kind in ("dense", "sparse"):
+        assert a[kind]["masked_nmse"] == b[kind]["masked_nmse"]
+        assert a[kind]["partial_sum_error_mean"] == b[kind]["partial_sum_error_mean"]
+    assert b["environment"]["processes"] == 2
 
 
 def test_sparse_block_needs_fewer_atoms_at_comparable_error(fast_run):
@@ -196,3 +217,23 @@ def test_atoms_needed_definition():
     assert order[0, 0] == 0
     assert err[:, -1].max() < 1e-6  # all atoms together are the output
     assert atoms_needed(err, 0.0001).tolist() == [3, 3]
+
+
+def test_subspace_references_bound_the_task():
+    """The references that know the frequencies: exact least squares, Landweber steps, their best mix."""
+    s = FourierSettings(eval_signals=256)
+    bases = torch.tensor([0, 1, 7, 21, 24])
+    test = make_signals(s, s.eval_signals, torch.Generator().manual_seed(5), bases)
+    phi = subspace_basis(bases, s.seq_len)
+    assert phi.shape == (64, 9)  # frequency 0 has no sine
+    assert torch.allclose(phi.T @ phi, torch.eye(9, dtype=torch.float64), atol=1e-10)
+    x = test[0].double()
+    assert torch.allclose(x @ phi @ phi.T, x, atol=1e-4)  # the signals (float32) lie in the subspace
+    r = subspace_references(test, bases)
+    assert r["oracle_nmse"] < 1e-8  # 16 observations pin 9 coefficients down
+    landweber, polynomial = r["landweber_nmse"], r["polynomial_nmse"]
+    assert len(landweber) == len(polynomial) == 4
+    assert all(a > b for a, b in itertools.pairwise(landweber))  # each step lowers the error
+    # k Landweber steps are one polynomial of degree k - 1 in G: the best one does at least as well.
+    assert all(p <= w + 1e-9 for p, w in zip(polynomial, landweber, strict=True))
+    assert 0.2 < landweber[0] < 0.5  # one step is about the linear map's error

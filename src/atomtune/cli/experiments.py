@@ -22,7 +22,7 @@ def _fourier(args: argparse.Namespace) -> None:
     settings = base(args.seed, args.layout)
     if args.steps is not None:
         settings = settings.replace(steps=args.steps)
-    r = run_fourier(settings, Path(args.out), progress=not args.quiet)
+    r = run_fourier(settings, Path(args.out), progress=not args.quiet, processes=args.processes)
     dense, sparse = r["dense"], r["sparse"]
     print(
         f"layout {settings.layout}; masked error (NMSE): dense {dense['masked_nmse']:.3f}, "
@@ -85,9 +85,17 @@ def register(sub) -> None:
     p.add_argument(
         "--layout",
         choices=("positions", "lifted"),
-        default="lifted",
-        help="tokens are the lifted dims, or the samples (the paper's; its defaults do not train the "
-        "dense block yet) (default: %(default)s)",
+        default="positions",
+        help="tokens are the samples (the paper's), or the lifted dims (the earlier layout, where "
+        "neither block beats a linear map) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="train the two blocks one after the other (1) or side by side in two processes "
+        "(default: %(default)s)",
     )
     p.add_argument("--fast", action="store_true", help="the test suite's setting: seconds, not minutes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

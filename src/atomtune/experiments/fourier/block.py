@@ -27,20 +27,30 @@ def positional_encoding(seq_len: int) -> torch.Tensor:
 
 
 class MixingLayer(nn.Module):
-    """Pre-norm multi-head self-attention with a residual connection (no MLP): the layers before the block."""
+    """A pre-norm transformer layer before the block: multi-head self-attention with a residual
+    connection, then (``mlp_ratio`` > 0) a GELU MLP of ``mlp_ratio``·width hidden units, also residual."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 0) -> None:
         super().__init__()
         self.heads = heads
         self.norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
+        self.mlp = None
+        if mlp_ratio:
+            self.mlp = nn.Sequential(
+                nn.LayerNorm(width),
+                nn.Linear(width, mlp_ratio * width),
+                nn.GELU(),
+                nn.Linear(mlp_ratio * width, width),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-        return x + self.out(mixed)
+        x = x + self.out(mixed)
+        return x if self.mlp is None else x + self.mlp(x)
 
 
 class FourierBlock(nn.Module):
@@ -66,12 +76,17 @@ class FourierBlock(nn.Module):
             self.mixing = nn.ModuleList()
         else:
             raw, out = lift.shape[0] + s.seq_len, lift.shape[0]
+            if s.position_products:
+                raw += 2 * (s.seq_len - 1)
             self.register_buffer("position", positional_encoding(s.seq_len))
-            self.mixing = nn.ModuleList(MixingLayer(c, s.mixing_heads) for _ in range(s.mixing_layers))
+            self.mixing = nn.ModuleList(
+                MixingLayer(c, s.mixing_heads, s.mixing_mlp) for _ in range(s.mixing_layers)
+            )
         self.W_in = nn.Parameter(torch.randn(raw, c) / math.sqrt(raw))
-        # Small q/k weights: attention starts uniform, so the sum over tokens starts as a plain average.
-        self.W_q = nn.Parameter(torch.randn(c, c) * 0.02)
-        self.W_k = nn.Parameter(torch.randn(c, c) * 0.02)
+        # "lifted": small q/k weights (0.02), so attention starts uniform and the sum over tokens starts
+        # as a plain average. "positions": 1/√width, so the block can learn to attend by position sooner.
+        self.W_q = nn.Parameter(torch.randn(c, c) * s.qk_init_std)
+        self.W_k = nn.Parameter(torch.randn(c, c) * s.qk_init_std)
         if kind == "dense":
             self.W_v = nn.Parameter(torch.randn(c, out) * 0.1 / math.sqrt(c))
         else:
@@ -90,8 +105,10 @@ class FourierBlock(nn.Module):
         """(B, T) signal and mask → (B, tokens, feature_dim).
 
         "lifted": token j is ``[p_j·(x⊙mask), mask]·W_in`` (64 lifted dims as tokens).
-        "positions": token t is ``[x_t·m_t·p, m_t, PE(t)]·W_in``: its observed value lifted to 64
-        dims (0 where masked), its observation flag and a 63-d sinusoidal position code.
+        "positions": token t is ``[x_t·m_t·p, m_t, PE(t), m_t·PE(t), x_t·m_t·PE(t)]·W_in``: its observed
+        value lifted to 64 dims (0 where masked), its observation flag, a 63-d sinusoidal position code
+        and (``position_products``) the code times the flag and times the observed value; then the
+        mixing layers.
         """
         if self.settings.layout == "lifted":
             lifted = self.lift[None, :, None] * (x * mask)[:, None, :]
@@ -99,7 +116,10 @@ class FourierBlock(nn.Module):
             return torch.cat([lifted, flags], dim=-1) @ self.W_in
         lifted = (x * mask)[..., None] * self.lift
         position = self.position.expand(x.shape[0], -1, -1)
-        h = torch.cat([lifted, mask[..., None], position], dim=-1) @ self.W_in
+        parts = [lifted, mask[..., None], position]
+        if self.settings.position_products:
+            parts += [mask[..., None] * position, (x * mask)[..., None] * position]
+        h = torch.cat(parts, dim=-1) @ self.W_in
         for layer in self.mixing:
             h = layer(h)
         return h
