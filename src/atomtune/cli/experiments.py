@@ -97,7 +97,9 @@ def register(sub) -> None:
         help="train the two blocks one after the other (1) or side by side in two processes "
         "(default: %(default)s)",
     )
-    p.add_argument("--fast", action="store_true", help="the test suite's setting: seconds, not minutes")
+    p.add_argument(
+        "--fast", action="store_true", help="the test suite's setting: fewer steps, under a minute"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_fourier)
     p = ex.add_parser("vae", help="transformer VAE: a model of one digit taught another, atoms against LoRA")
