@@ -267,3 +267,25 @@ def test_instance_images_with_their_own_captions(dog_images, tmp_path):
     (one / "metadata.jsonl").write_text(json.dumps({"file_name": names[0], "text": "a red sks dog"}) + "\n")
     result = train(_settings(one, tmp_path / "run5"), progress=False)
     assert json.loads((result.adapter_dir / "training.json").read_text())["instance_captions"] is True
+
+
+def test_default_atoms_are_lora_parity_and_the_card_records_the_count(dog_images, tmp_path):
+    """``num_atoms="parity"`` (the default) trains the count ``core.parity`` gives for the loaded
+    model and writes that number, not the word, into the card and the checkpoints' structure."""
+    from atomtune.core.config import AtomConfig
+    from atomtune.core.parity import parity_atoms
+    from atomtune.diffusion.spec import PixArtSpec
+
+    settings = _settings(dog_images, tmp_path, num_atoms="parity", atom_budget=0, max_steps=1)
+    expected = parity_atoms(tiny_pixart_pipeline().transformer, AtomConfig(), PixArtSpec.target_modules)
+    result = train(settings, progress=False)
+    record = json.loads((result.adapter_dir / "training.json").read_text())
+    assert record["settings"]["num_atoms"] == expected
+    assert f"atoms: {expected} per attention module" in record["method_description"]
+    shapes = {a.num_atoms for a in result.tuned.handle.atoms().values()}
+    assert shapes == {expected}
+
+
+def test_num_atoms_takes_a_count_or_parity_only(dog_images, tmp_path):
+    with pytest.raises(AtomtuneError, match="positive integer or 'parity'"):
+        _settings(dog_images, tmp_path, num_atoms="lots").validate()
