@@ -32,7 +32,8 @@ from diffusion_helpers import one_thread
 
 WEIGHTS, CONFIG, SIDECAR = "adapter_model.safetensors", "adapter_config.json", "atomtune.json"
 STATE, STATE_JSON = "state.safetensors", "trainer_state.json"
-MODULE = "transformer_blocks.0.attn1"
+ATTENTION = "transformer_blocks.0.attn1"
+MODULE = f"{ATTENTION}.to_q"  # atoms live on the projections by default
 
 
 @pytest.fixture(autouse=True)
@@ -299,7 +300,7 @@ sidecar_row("atomtune.json names no known method", lambda d: d.__setitem__("meth
 sidecar_row("atomtune.json base_model is a string", lambda d: d.__setitem__("base_model", "x"), "base_model")
 sidecar_row(
     "atomtune.json projection of strings",
-    lambda d: d["base_model"]["projections"].__setitem__(f"{MODULE}.to_q", ["a", 3]),
+    lambda d: d["base_model"]["projections"].__setitem__(f"{ATTENTION}.to_q", ["a", 3]),
     "must be [in, out]",
 )
 
@@ -385,6 +386,20 @@ resume_row(
     "extra.structure a list",
     lambda f: _edit_json(f, STATE_JSON, lambda d: d["extra"].__setitem__("structure", [])),
     "not a checkpoint",
+)
+
+resume_row(
+    "step past the run's steps",
+    lambda f: _edit_json(f, STATE_JSON, lambda d: d.__setitem__("step", 1000000)),
+    "at step 1000000, past this run's 3 steps",
+)
+resume_row(
+    "step beyond the checkpoint's history",
+    lambda f: _edit_json(f, STATE_JSON, lambda d: d.__setitem__("step", 3)),
+    "says step 3 but holds 2 steps of history",
+)
+resume_row(
+    "resumed with the other form", lambda f: None, "made with form='projections'", "--form", "attention"
 )
 
 
@@ -585,6 +600,15 @@ settings_row(
     "instance_prompt: [a, sks, dog]\n",
     "instance_prompt must be a str",
 )
+settings_row("other inputs", "settings: form unknown", "instance_prompt: a sks dog\nform: values\n",
+             "form must be one of projections, attention")  # fmt: skip
+settings_row("other inputs", "settings: form a number", "instance_prompt: a sks dog\nform: 5\n",
+             "form must be a str")  # fmt: skip
+settings_row("other inputs", "settings: atoms.mode instead of form",
+             "instance_prompt: a sks dog\natoms:\n  mode: linear\n", "with form, not atoms.mode")  # fmt: skip
+settings_row("other inputs", "settings: atoms on projections the model lacks",
+             "instance_prompt: a sks dog\natoms:\n  target_modules: [to_nothing]\n",
+             "no module of PixArtTransformer2DModel matches")  # fmt: skip
 settings_row("other inputs", "settings file binary", b"\xff\xfe\x00\x81garbage", "not UTF-8 text")
 settings_row("other inputs", "settings file a list", "- a\n- b\n", "must hold a table of settings")
 settings_row("other inputs", "settings: a number as a key", "1: x\n", "must hold a table of settings")

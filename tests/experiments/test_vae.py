@@ -15,6 +15,7 @@ from atomtune.cli import main
 from atomtune.errors import AtomtuneError
 from atomtune.experiments.digit_data import load_mnist_idx, load_sklearn_digits_28, read_idx
 from atomtune.experiments.vae import (
+    LORA_TARGETS,
     LoraStatistics,
     TransformerVAE,
     VaeSettings,
@@ -124,7 +125,8 @@ def test_cli_refuses_bad_mnist_input_in_one_line(tmp_path, capsys):
     assert main(["experiment", "vae", "--data", "digits", "x", "--out", str(out)]) == 2
     assert main(["experiment", "vae", "--new-digit", "8", "--out", str(out)]) == 2
     assert main(["experiment", "vae", "--atom-budget", "-1", "--out", str(out)]) == 2
-    assert main(["experiment", "vae", "--atom-budget", "32", "--out", str(out)]) == 2  # not below 32 atoms
+    assert main(["experiment", "vae", "--atom-budget", "8", "--out", str(out)]) == 2  # not below 8 atoms
+    assert main(["experiment", "vae", "--form", "attention", "--num-atoms", "6", "--out", str(out)]) == 2
     assert main(["experiment", "vae", "--budget-lora-rank", "-2", "--out", str(out)]) == 2
     assert not out.exists()
 
@@ -149,9 +151,13 @@ def trained_looking_vae(seed=0):
     return vae.eval()
 
 
-@pytest.mark.parametrize("method", ["atoms", "atoms_budget", "lora"])
+@pytest.mark.parametrize("method", ["atoms", "atoms_budget", "atoms_attention", "lora"])
 def test_fine_tuned_vae_equals_pretrained_at_step_0(method):
-    s = VaeSettings()
+    s = (
+        VaeSettings(form="attention", num_atoms=32, atom_budget=8)
+        if method == "atoms_attention"
+        else VaeSettings()
+    )
     vae = trained_looking_vae()
     x = torch.rand(4, 1, 28, 28)
     z = torch.randn(4, s.latent)
@@ -161,7 +167,8 @@ def test_fine_tuned_vae_equals_pretrained_at_step_0(method):
     tuned = copy.deepcopy(vae)
     if method.startswith("atoms"):
         handle = add_atoms(tuned, s, s.atom_budget if method == "atoms_budget" else None)
-        assert len(handle.layers()) == 4  # every encoder and decoder attention module
+        # every projection LoRA adapts, or every encoder and decoder attention module
+        assert len(handle.layers()) == (4 if s.form == "attention" else 16)
         params = handle.trainable_parameters()
     else:
         add_lora(tuned, s)
@@ -199,7 +206,7 @@ def test_budget_fine_tune_cuts_to_the_budget_and_prunes():
         assert a.atom_ids[live].unique().numel() == int(live.sum())  # the kept atoms' original ids
         assert a.atom_ids[~live].eq(-1).all()  # spare slots (heads keep equal widths) are empty
         assert torch.all(a.D[~live] == 0)
-    assert seen == [3, 3, 3, 3]
+    assert seen == [3] * 16  # q, k, v, out of four attention modules
     # Without a budget, nothing is cut.
     _, full, _ = finetune_atoms(vae, s.replace(finetune_steps=2), images, None, progress=False)
     assert all(int((a.mask != 0).sum()) == s.num_atoms for a in full.atoms().values())
@@ -229,7 +236,7 @@ def test_atoms_and_lora_have_the_same_budget():
     atoms = add_atoms(copy.deepcopy(trained_looking_vae()), s).num_trainable_parameters()
     lora_vae = add_lora(copy.deepcopy(trained_looking_vae()), s)
     lora = sum(p.numel() for p in lora_vae.parameters() if p.requires_grad)
-    assert atoms == 4 * s.num_atoms * (2 * s.width + 1)
+    assert atoms == 4 * 4 * s.num_atoms * (2 * s.width + 1)  # q, k, v, out of four modules
     assert lora == 4 * 4 * s.lora_rank * 2 * s.width
     assert abs(atoms - lora) / lora < 0.01
 
@@ -287,10 +294,11 @@ def test_budget_fine_tune_keeps_its_budget(fast_run):
     _, r = fast_run
     m, budget = r["atoms_budget"], r["settings"]["atom_budget"]
     assert m["atom_budget"] == budget
-    assert m["live_atoms"] == {f"{p}.{i}.attn": budget for p in ("encoder", "decoder") for i in (0, 1)}
+    projections = [f"{p}.{i}.attn.{t}" for p in ("encoder", "decoder") for i in (0, 1) for t in LORA_TARGETS]
+    assert m["live_atoms"] == dict.fromkeys(projections, budget)
     assert m["components_per_layer"] == m["live_atoms"]
     assert all(count <= budget for count in m["components_for_share"].values())
-    assert m["live_parameters"] == 4 * budget * (2 * r["settings"]["width"] + 1)
+    assert m["live_parameters"] == 16 * budget * (2 * r["settings"]["width"] + 1)
     # LoRA at the pruned atoms' budget: rank 2 on four projections of four modules, within 1%.
     lora_small = r["lora_budget"]["trainable_parameters"]
     assert lora_small == 4 * 4 * r["settings"]["budget_lora_rank"] * 2 * r["settings"]["width"]
@@ -301,8 +309,8 @@ def test_measures_are_consistent(fast_run):
     _, r = fast_run
     for key in ("atoms", "atoms_budget", "lora", "lora_budget"):
         m = r[key]
-        assert set(m["components_for_share"]) == {
-            f"{p}.{i}.attn" for p in ("encoder", "decoder") for i in (0, 1)
+        assert set(m["components_for_share"]) == {  # LoRA grouped as the atoms are: per projection
+            f"{p}.{i}.attn.{t}" for p in ("encoder", "decoder") for i in (0, 1) for t in LORA_TARGETS
         }
         for name, count in m["components_for_share"].items():
             assert 0 <= count <= m["components_per_layer"][name]

@@ -131,6 +131,24 @@ def test_resume_gives_the_same_next_loss_as_an_uninterrupted_run(method, dog_ima
         train(_settings(dog_images, tmp_path / "cut", resume=str(tmp_path)))
 
 
+@pytest.mark.parametrize(
+    ("step", "max_steps", "message"),
+    [(1000000, 2, r"at step 1000000, past this run's 2 steps"), (3, 4, r"says step 3 but holds 2 steps")],
+)
+def test_resume_refuses_a_checkpoint_past_the_run_or_with_a_step_its_history_lacks(
+    step, max_steps, message, dog_images, tmp_path
+):
+    first = train(_settings(dog_images, tmp_path, checkpoint_every=2, atom_budget=0), progress=False)
+    state = first.checkpoints[0] / "trainer_state.json"
+    record = json.loads(state.read_text())
+    record["step"] = step
+    state.write_text(json.dumps(record))
+    adapter = (first.adapter_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(AtomtuneError, match=message):
+        train(_settings(dog_images, tmp_path, max_steps=max_steps, atom_budget=0, resume="latest"))
+    assert (first.adapter_dir / "adapter_model.safetensors").read_bytes() == adapter  # nothing overwritten
+
+
 def test_gradient_checkpointing_changes_memory_not_results(dog_images, tmp_path, monkeypatch):
     plain = train(_settings(dog_images, tmp_path / "a", max_steps=3, learning_rate=1e-2), progress=False)
     calls = []
@@ -277,11 +295,13 @@ def test_default_atoms_are_lora_parity_and_the_card_records_the_count(dog_images
     from atomtune.diffusion.spec import PixArtSpec
 
     settings = _settings(dog_images, tmp_path, num_atoms="parity", atom_budget=0, max_steps=1)
-    expected = parity_atoms(tiny_pixart_pipeline().transformer, AtomConfig(), PixArtSpec.target_modules)
+    targets = list(PixArtSpec.target_modules)  # the default form: atoms on LoRA's projections
+    config = AtomConfig(mode="linear", target_modules=targets)
+    expected = parity_atoms(tiny_pixart_pipeline().transformer, config, targets)
     result = train(settings, progress=False)
     record = json.loads((result.adapter_dir / "training.json").read_text())
     assert record["settings"]["num_atoms"] == expected
-    assert f"atoms: {expected} per attention module" in record["method_description"]
+    assert f"atoms: {expected} per projection on {', '.join(targets)}" in record["method_description"]
     shapes = {a.num_atoms for a in result.tuned.handle.atoms().values()}
     assert shapes == {expected}
 

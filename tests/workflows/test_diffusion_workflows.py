@@ -18,7 +18,8 @@ from atomtune.tiny import tiny_pixart
 from atomtune.workflows.generate import GenerateSettings, generate
 from diffusion_helpers import dreambooth_images, one_thread
 
-MODULES = [f"transformer_blocks.{b}.{a}" for b in (0, 1) for a in ("attn1", "attn2")]
+PROJECTIONS = ("to_k", "to_out.0", "to_q", "to_v")  # sorted: atoms live on each projection LoRA adapts
+MODULES = [f"transformer_blocks.{b}.{a}.{p}" for b in (0, 1) for a in ("attn1", "attn2") for p in PROJECTIONS]
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +200,7 @@ def test_merge_reports_overlap_per_layer(runs, tmp_path, capsys, how):
     for row in report["modules"].values():
         assert row["overlap"] == len(row["shared"]) / 3 and 0 <= row["jaccard"] <= row["overlap"]
     merged, a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (out, concept, style))
-    key = "transformer_blocks.0.attn1.W_s"
+    key = "transformer_blocks.0.attn1.to_v.W_s"
     if how == "sum":
         assert torch.allclose(merged[key], a[key] + b[key])  # the paper: parameters added
     else:

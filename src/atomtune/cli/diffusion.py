@@ -176,7 +176,7 @@ def _add_edit(sub) -> None:
     p.add_argument("--target-prompt", action="append", help="the edit (repeat for several)")
     p.add_argument("--ks", default=None, help="atoms kept per module, comma-separated (default: 64,16,4,1)")
     p.add_argument("--epochs", type=COUNT, default=60, help="(default: %(default)s)")
-    p.add_argument("--num-atoms", type=COUNT, default=256, help="(default: %(default)s)")
+    p.add_argument("--num-atoms", type=COUNT, default=64, help="atoms per projection (default: %(default)s)")
     p.add_argument("--learning-rate", "--lr", type=POSITIVE, default=1e-4)
     p.add_argument("--mixed-precision", default="no")
     p.add_argument("--seed", type=SEED, default=0)

@@ -49,6 +49,10 @@ def _vae(args: argparse.Namespace) -> None:
         settings = settings.replace(images_per_class=1000)  # keeps MNIST's run in minutes
     if args.images_per_class is not None:
         settings = settings.replace(images_per_class=args.images_per_class)
+    if args.form is not None:
+        settings = settings.replace(form=args.form)
+    if args.num_atoms is not None:
+        settings = settings.replace(num_atoms=args.num_atoms)
     for name in ("atom_budget", "budget_lora_rank"):
         value = getattr(args, name)
         if value is not None:
@@ -115,10 +119,19 @@ def register(sub) -> None:
     p.add_argument("--new-digit", type=int, default=3, help="the digit fine-tuned to (default: %(default)s)")
     p.add_argument("--images-per-class", type=int, default=None, help="cap per class (mnist-idx: 1000)")
     p.add_argument(
+        "--form",
+        choices=("projections", "attention"),
+        default=None,
+        help="atoms on the four projections LoRA adapts (default) or the paper's attention update",
+    )
+    p.add_argument(
+        "--num-atoms", type=int, default=None, help="atoms per adapted module (default: 8 per projection)"
+    )
+    p.add_argument(
         "--atom-budget",
         type=int,
         default=None,
-        help="atoms kept per module by the dense-then-prune fine-tune (default: 8; 0 skips it)",
+        help="atoms kept per module by the dense-then-prune fine-tune (default: 2; 0 skips it)",
     )
     p.add_argument(
         "--budget-lora-rank",

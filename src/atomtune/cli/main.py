@@ -36,17 +36,20 @@ def _inspect(args: argparse.Namespace) -> None:
         f"adapter {meta['adapter_name']!r} for {meta['base_model']['class']} "
         f"({meta['base_model']['name_or_path'] or 'no name recorded'}), atomtune {meta['atomtune_version']}"
     )
-    print(
-        f"mode={config.mode} shrinkage={config.shrinkage} placement={config.placement} "
-        f"attention={config.attention}"
+    where = (
+        f"placement={config.placement} attention={config.attention}"
+        if config.mode == "attention"
+        else f"target_modules={config.target_modules}"
     )
+    print(f"mode={config.mode} shrinkage={config.shrinkage} {where}")
     kept = 0
     for name, shape in meta["modules"].items():
         active = int((tensors[f"{name}.mask"] != 0).sum())
         kept += active
         print(
             f"  {name}: {shape['num_atoms']} atoms ({active} unmasked), "
-            f"{shape['in_features']} -> {shape['out_features']}, heads={shape['heads']}"
+            f"{shape['in_features']} -> {shape['out_features']}"
+            + (f", heads={shape['heads']}" if config.mode == "attention" else "")
         )
     print(
         f"{len(meta['modules'])} modules, {kept} unmasked atoms "

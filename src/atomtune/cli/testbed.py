@@ -179,12 +179,12 @@ def register(sub) -> None:
         "--learning-rates", default="3e-5,1e-4,3e-4,1e-3,3e-3", help="the search grid, same for all"
     )
     p.add_argument("--steps", type=COUNT, default=600)
-    p.add_argument("--num-atoms", type=COUNT, default=66)
+    p.add_argument("--num-atoms", type=COUNT, default=64, help="atoms per projection (default: %(default)s)")
     p.add_argument(
         "--prior-per-digit", type=option(int, minimum=0), default=4,
         help="prior preservation: the pretrained model's drawings of each other digit (0: off)",
     )  # fmt: skip
-    p.add_argument("--atom-budget", type=COUNT, default=None, help="atoms kept per module (default: 6)")
+    p.add_argument("--atom-budget", type=COUNT, default=None, help="atoms kept per projection (default: 6)")
     p.add_argument("--eval-seeds", default="0,1", help="samples per prompt")
     p.add_argument("--prompts", help="a file of prompts, one per line, {} = the concept")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
@@ -207,8 +207,8 @@ def register(sub) -> None:
     p.add_argument("--seeds", help="report seeds (default: 0,1,2)")
     p.add_argument("--learning-rates", help="the grid every method chooses from (default: 1e-4,3e-4,1e-3)")
     p.add_argument("--steps", type=COUNT, help="training steps on the one image (default: 60)")
-    p.add_argument("--num-atoms", type=COUNT, help="atoms per module (default: 66)")
-    p.add_argument("--atom-budget", type=COUNT, help="atoms kept per module in training (default: 6)")
+    p.add_argument("--num-atoms", type=COUNT, help="atoms per projection (default: 64)")
+    p.add_argument("--atom-budget", type=COUNT, help="atoms kept per projection in training (default: 6)")
     p.add_argument("--sample-steps", type=COUNT, help="sampling steps per drawing (default: 10)")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
     p.add_argument("--quiet", action="store_true")

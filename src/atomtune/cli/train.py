@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from atomtune.cli.options import ATOM_FLAGS
+from atomtune.diffusion.methods import DEFAULT_ATOM_BUDGET, FORMS
 from atomtune.diffusion.pipeline import DEFAULT_PRETRAINED, TINY
 
 
@@ -62,17 +63,26 @@ def register(sub) -> None:
     p.add_argument("--prior-loss-weight", type=float, default=None)
     p.add_argument("--method", default=None, help="atoms, lora, dora or oft (default: atoms)")
     p.add_argument(
+        "--form",
+        choices=FORMS,
+        default=None,
+        help="atoms on each projection the host's LoRA adapts (projections, the default) or the paper's "
+        "update of the attention modules' value path (attention)",
+    )
+    p.add_argument(
         "--num-atoms",
         type=_num_atoms,
         default=None,
-        help="atoms per attention module to start with, or 'parity': as many parameters as LoRA --rank on "
-        "the host's LoRA targets (default: parity; 64 on PixArt-Σ, 83 on SD3.5-M, 128 on Flux.1, 48 on Sana)",
+        help="atoms per adapted module to start with, or 'parity': as many parameters as LoRA --rank on "
+        "the host's LoRA targets (default: 64 per projection; with --form attention, parity: 64 per "
+        "module on PixArt-Σ, 83 on SD3.5-M, 128 on Flux.1, 48 on Sana)",
     )
     p.add_argument(
         "--atom-budget",
         type=int,
         default=None,
-        help="atoms kept per module: the rest are cut by contribution during training (default: 6; 0 keeps all)",
+        help="atoms kept per module: the rest are cut by contribution during training "
+        f"(default: {DEFAULT_ATOM_BUDGET}; 0 keeps all)",
     )
     p.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank (default: 16)")
     p.add_argument("--oft-r", type=int, default=None, help="OFT blocks (default: 4)")

@@ -59,9 +59,13 @@ def parameters_per_atom(model: nn.Module, config: AtomConfig) -> tuple[int, int]
 def parity_atoms(model: nn.Module, config: AtomConfig, target_modules: Sequence[str], rank: int = 16) -> int:
     """Atoms per module whose trainable parameters come nearest LoRA ``rank`` on ``target_modules``.
 
-    Where the atoms must split evenly over the heads (PixArt's processor), the nearest multiple of
-    the head count; never fewer than one (or one per head).
+    In linear mode (atoms on LoRA's own projections) the most atoms that do not exceed LoRA's
+    parameters: an atom costs a threshold more than a rank, so nearest would always land just
+    above. Where the atoms must split evenly over the heads (PixArt's processor), the nearest
+    multiple of the head count. Never fewer than one (or one per head).
     """
     per_atom, multiple = parameters_per_atom(model, config)
     lora = lora_parameters(model, target_modules, rank)
+    if config.mode == "linear":
+        return max(1, lora // per_atom)
     return max(multiple, round(lora / per_atom / multiple) * multiple)

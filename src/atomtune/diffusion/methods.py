@@ -1,10 +1,18 @@
 """One place that puts a fine-tuning method on a diffusion transformer: atoms, LoRA, DoRA or OFT.
 
 All four adapt the host in place, base frozen, so the trainer and the pipeline do not care which one
-runs: atoms its attention modules, the baselines the projections its LoRA script adapts (PixArt:
-``to_q, to_k, to_v, to_out.0``; each host's spec names its own). The baselines come from PEFT with the
-paper's settings: LoRA and DoRA rank 16 (``lora_alpha`` = rank), OFT ``r=4`` blocks. Atoms default to
-as many trainable parameters as that LoRA (``num_atoms="parity"``, counted on the model at hand).
+runs. The baselines come from PEFT with the paper's settings on the projections the host's LoRA
+script adapts (PixArt: ``to_q, to_k, to_v, to_out.0``; each host's spec names its own): LoRA and
+DoRA rank 16 (``lora_alpha`` = rank), OFT ``r=4`` blocks. Atoms take one of two forms:
+
+- ``"projections"`` (the default): the same projections LoRA adapts, each with its own dictionary,
+  ``ΔY = σ_λ(X·W_s)·D``. Measured on the testbed and the VAE, this is the form that keeps the concept
+  (docs/quality.md): LoRA's strength comes from changing q, k, v and out together.
+- ``"attention"``: the paper's update on the attention modules, ``ΔO = σ_λ(A·X·W_s)·D``. It changes
+  only the value path (without shrinkage it is a rank-M LoRA on ``to_v``), and measures so.
+
+Atoms default to as many trainable parameters as that LoRA (``num_atoms="parity"``, counted on the
+model at hand).
 
 An adapter folder holds the method's own files (atomtune's ``adapter_config.json`` +
 ``adapter_model.safetensors``, or PEFT's files of the same names) and ``atomtune.json``: the method,
@@ -28,13 +36,19 @@ from atomtune.diffusion.tuned import TARGET_MODULES, AtomTuned, Tuned
 from atomtune.errors import AtomtuneError
 
 METHODS = ("atoms", "lora", "dora", "oft")
-# Atoms per module by default: as many trainable parameters as the LoRA baseline (rank ``rank``, 16
-# by default) on the host's LoRA targets (``core.parity``): 64 on PixArt-Σ (2·1152·64 + 64 = 147,520
-# per module against 4·16·2·1152 = 147,456), 83 on SD3.5-M, 128 on Flux.1-dev, 48 on Sana-1600M.
-# Cut to 6 during training (``DEFAULT_ATOM_BUDGET``), as measured on the testbed.
+FORMS = ("projections", "attention")
+DEFAULT_FORM = "projections"
+# Atoms per module by default, per form. On the projections, 64 per projection (four times LoRA
+# r16's rank), cut by contribution to DEFAULT_ATOM_BUDGET = 6 during training: the recipe chosen on
+# the testbed's selection seeds (docs/quality.md); the shipped adapter has 6·(in + out + 1)
+# parameters per projection, under LoRA r16's 16·(in + out), and at most 6 of the 64 atoms act per
+# token. In the attention form, "parity": as many trainable parameters as LoRA rank ``rank`` on the
+# host's LoRA targets (``core.parity``): 64 per module on PixArt-Σ, 83 on SD3.5-M, 128 on
+# Flux.1-dev, 48 on Sana-1600M. "parity" on the projections is ``rank - 1`` per projection (an atom
+# costs one threshold more than a rank of LoRA).
 PARITY = "parity"
-DEFAULT_NUM_ATOMS = PARITY
-DEFAULT_ATOM_BUDGET = 6
+DEFAULT_NUM_ATOMS: dict[str, int | str] = {"projections": 64, "attention": PARITY}
+DEFAULT_ATOM_BUDGET = 6  # atoms kept per module after training (0: all)
 
 
 @dataclass
@@ -42,14 +56,21 @@ class MethodConfig:
     """Which method, and its few settings (the rest are the paper's or the core's defaults)."""
 
     method: str = "atoms"
-    num_atoms: int | str = DEFAULT_NUM_ATOMS  # a count, or "parity": LoRA rank ``rank``'s parameters
+    num_atoms: int | str | None = (
+        None  # a count, "parity" (LoRA rank ``rank``'s parameters), or the form's default
+    )
     rank: int = 16
     oft_r: int = 4
     atoms: dict[str, Any] = field(default_factory=dict)  # further AtomConfig fields
     atom_budget: int = DEFAULT_ATOM_BUDGET  # atoms kept per module after training; 0 keeps all
+    form: str = DEFAULT_FORM  # atoms on the LoRA projections, or the paper's attention update
 
     def __post_init__(self) -> None:
         check_method(self.method)
+        if self.form not in FORMS:
+            raise AtomtuneError(f"form must be one of {', '.join(FORMS)}; got {self.form!r}")
+        if self.num_atoms is None:
+            self.num_atoms = DEFAULT_NUM_ATOMS[self.form]
         check_num_atoms(self.num_atoms)
         for name in ("rank", "oft_r"):
             value = getattr(self, name)
@@ -63,8 +84,9 @@ class MethodConfig:
             raise AtomtuneError(
                 f"atom_budget must be an integer >= 0 (0: keep all), got {self.atom_budget!r}"
             )
-        reserved = {"num_atoms", "atom_budget", "mode", "base_model_name_or_path"}
-        reserved = sorted(set(self.atoms) & reserved)
+        if "mode" in self.atoms:
+            raise AtomtuneError("set the atoms' form (projections or attention) with form, not atoms.mode")
+        reserved = sorted(set(self.atoms) & {"num_atoms", "atom_budget", "base_model_name_or_path"})
         if reserved:
             raise AtomtuneError(f"set {reserved[0]} through its own option, not in the atoms settings")
         if self.method == "atoms":
@@ -73,26 +95,37 @@ class MethodConfig:
     def resolved(self, model: nn.Module, target_modules: tuple[str, ...] | None = None) -> MethodConfig:
         """This config with ``num_atoms="parity"`` replaced by the count for ``model``: the atoms per
         module whose parameters come nearest LoRA rank ``rank`` on ``target_modules`` (the host's
-        LoRA targets; default PixArt's)."""
+        LoRA targets; default PixArt's) without exceeding them in the projections form."""
         if self.num_atoms != PARITY:
             return self
-        shape_only = self._atom_config(None, 1)  # which modules, placement, encoder layout
-        count = parity_atoms(model, shape_only, list(target_modules or TARGET_MODULES), self.rank)
+        targets = list(target_modules or TARGET_MODULES)
+        shape_only = self._atom_config(None, 1, target_modules)  # which modules, their widths
+        count = parity_atoms(model, shape_only, targets, self.rank)
         return replace(self, num_atoms=count)
 
-    def atom_config(self, base: str | None = None) -> AtomConfig:
+    def atom_config(
+        self, base: str | None = None, target_modules: tuple[str, ...] | None = None
+    ) -> AtomConfig:
+        """The core's config; the projections form adapts ``target_modules`` (the host's LoRA
+        targets; default PixArt's) unless the atoms settings name their own."""
         if self.num_atoms == PARITY:
             raise AtomtuneError("num_atoms='parity' is a count for a model: resolve it first (resolved())")
-        return self._atom_config(base, self.num_atoms)
+        return self._atom_config(base, self.num_atoms, target_modules)
 
-    def _atom_config(self, base: str | None, num_atoms: int) -> AtomConfig:
+    def _atom_config(
+        self, base: str | None, num_atoms: int, target_modules: tuple[str, ...] | None = None
+    ) -> AtomConfig:
         budget = self.atom_budget if 0 < self.atom_budget < num_atoms else None
+        form: dict[str, Any] = {"mode": "attention"}
+        if self.form == "projections":
+            form = {"mode": "linear", "target_modules": list(target_modules or TARGET_MODULES)}
         return AtomConfig.from_dict(
             {
                 "num_atoms": num_atoms,
                 "atom_budget": budget,
+                **form,
                 **self.atoms,
-                "mode": "attention",
+                "mode": form["mode"],
                 "base_model_name_or_path": base,
             }
         )
@@ -118,14 +151,17 @@ class MethodConfig:
     def describe(self, target_modules: tuple[str, ...] | None = None) -> str:
         if self.method == "atoms":
             parity = self.num_atoms == PARITY
-            c = self._atom_config(None, 1 if parity else self.num_atoms)
+            c = self._atom_config(None, 1 if parity else self.num_atoms, target_modules)
             count = f"LoRA rank {self.rank}'s parameter count in atoms" if parity else c.num_atoms
             budget = self.atom_budget if parity else c.atom_budget
             kept = f", cut to {budget} by contribution" if budget else ""
+            if self.form == "projections":
+                where = f"per projection on {', '.join(c.target_modules)}"
+            else:
+                where = f"per attention module ({c.attention}-attention, {c.placement})"
             return (
-                f"atoms: {count} per attention module{kept} ({c.attention}-attention, {c.placement}), "
-                f"shrinkage {c.shrinkage}, L1 weight {c.sparsity_weight}, orthogonality weight "
-                f"{c.orthogonality_weight}"
+                f"atoms: {count} {where}{kept}, shrinkage {c.shrinkage}, L1 weight "
+                f"{c.sparsity_weight}, orthogonality weight {c.orthogonality_weight}"
             )
         targets = ", ".join(target_modules or TARGET_MODULES)
         if self.method == "oft":
@@ -163,7 +199,8 @@ def apply_method(
     baselines on ``target_modules`` (default: PixArt's; a host's spec names its own)."""
     if config.method == "atoms":
         config = config.resolved(model, target_modules)
-        tuned: Tuned = AtomTuned(AtomModel(model, config.atom_config(pretrained), name), pretrained)
+        atom_config = config.atom_config(pretrained, target_modules)
+        tuned: Tuned = AtomTuned(AtomModel(model, atom_config, name), pretrained)
     else:
         from peft import inject_adapter_in_model
 

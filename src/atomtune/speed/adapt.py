@@ -28,7 +28,9 @@ def method_config(method: str, num_atoms: int | str) -> MethodConfig:
     """The training settings of ``method``; atoms keep all ``num_atoms`` (no budget cuts)."""
     if method in ATOM_METHODS:
         fused = method != "atoms_separate"  # coefficients in the values' attention call, or a second
-        return MethodConfig("atoms", num_atoms=num_atoms, atom_budget=0, atoms={"fused": fused})
+        return MethodConfig(
+            "atoms", num_atoms=num_atoms, atom_budget=0, atoms={"fused": fused}, form="attention"
+        )  # the attention form: what the speed figures measure
     if method not in METHODS or method == "bare":
         raise AtomtuneError(f"unknown method {method!r}; choose from {', '.join(METHODS[1:])}")
     return MethodConfig(method)

@@ -41,7 +41,7 @@ class BenchSettings:
     learning_rates: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
     select_seed: int = 100
     steps: int = 600
-    num_atoms: int = 66  # 11 per head of 6: 25.4k parameters per attention module, LoRA r=16's 24.6k
+    num_atoms: int = cz.RECIPE_NUM_ATOMS  # per projection (to_q, to_k, to_v, to_out.0)
     atom_budget: int = cz.RECIPE_BUDGET  # atoms kept per module by the recipe (9% of 66)
     holdout_digit: int = 9
     instances: int = 5

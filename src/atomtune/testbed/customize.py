@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atomtune.diffusion.methods import DEFAULT_FORM
 from atomtune.errors import AtomtuneError
 from atomtune.io import save_png, save_text
 from atomtune.testbed.digit_pipeline import to_pil
@@ -41,7 +42,9 @@ STYLE_RGB = (1.0, 0.1, 1.0)  # magenta: a color no pretraining caption names
 GUIDANCE = 2.5
 SAMPLE_STEPS = 20
 # The atoms recipe on the testbed, chosen on the selection seed (benchmarks/results/testbed):
-# 66 atoms per module (LoRA r=16's parameters), cut to RECIPE_BUDGET by contribution during training.
+# The atoms' recipe on the testbed, as in ``atomtune train``: 64 atoms on each projection LoRA adapts,
+# cut to RECIPE_BUDGET by contribution during training (chosen on the selection seeds: docs/quality.md).
+RECIPE_NUM_ATOMS = 64
 RECIPE_BUDGET = 6
 RECIPE_LR = 3e-4
 
@@ -271,6 +274,7 @@ def train_adapter(
     progress: bool = False,
     atom_budget: int = RECIPE_BUDGET,
     atoms: dict | None = None,
+    form: str = DEFAULT_FORM,
 ):
     """One run of the project's trainer on the testbed pipeline; the adapter stays in ``pipe``."""
     from atomtune.workflows.train import TrainSettings, train
@@ -282,6 +286,7 @@ def train_adapter(
         output_dir=str(out_dir),
         pretrained="digits",
         method=method,
+        form=form,
         num_atoms=num_atoms,
         atom_budget=atom_budget,
         atoms=dict(atoms or {}),

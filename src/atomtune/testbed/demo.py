@@ -30,8 +30,8 @@ SWEEP_PROMPT = f"a small red {cz.SUBJECT} in the top right corner"
 class DemoSettings:
     steps: int = 300
     learning_rate: float = RECIPE_LR
-    num_atoms: int = 66  # 11 per head: LoRA r=16's parameters per attention module
-    atom_budget: int = RECIPE_BUDGET  # atoms kept per module (9% of the dictionary); 0 keeps all
+    num_atoms: int = cz.RECIPE_NUM_ATOMS  # per projection (to_q, to_k, to_v, to_out.0)
+    atom_budget: int = RECIPE_BUDGET  # atoms kept per projection (9% of the dictionary); 0 keeps all
     seed: int = 0
     holdout_digit: int = 9
     prior_per_digit: int = 2  # prior preservation: the model's own drawings of each other digit (0: off)
@@ -130,9 +130,9 @@ def _atoms_sentence(s: dict[str, Any]) -> str:
     """How few atoms carry the concept, in numbers measured while sampling the 25 prompts."""
     sp, m = s["sparsity"], s["settings"]["num_atoms"]
     return (
-        f"The concept lives in {sp['live_atoms']:.1f} atoms per module on average "
+        f"The concept lives in {sp['live_atoms']:.1f} atoms per projection on average "
         f"({sp['live_atoms'] / m:.0%} of the {m} each module started with); "
-        f"{sp['atoms_for_share']:.1f} of them carry 90% of a module's contribution. Per token, "
+        f"{sp['atoms_for_share']:.1f} of them carry 90% of a projection's contribution. Per token, "
         f"{sp['active_per_token']:.1f} atoms are active ({sp['active_per_token'] / m:.0%} of the dictionary; "
         f"{sp['zero_share']:.0%} of the kept atoms' coefficients are zero)."
     )
@@ -154,7 +154,7 @@ def _markdown(s: dict[str, Any]) -> str:
     lines = [
         f"# atomtune demo: {s['concept']}",
         "",
-        f"Atoms ({s['settings']['num_atoms']} per attention module) trained for {s['settings']['steps']} "
+        f"Atoms ({s['settings']['num_atoms']} on each attention projection, cut to {s['settings']['atom_budget']}) trained for {s['settings']['steps']} "
         f'steps on 5 real handwritten samples, each under its own caption ("{s["instance_captions"][0]}", …), '
         f"with prior preservation ({_prior_words(s['settings'])}), in {s['train_seconds']:.0f} s; "
         f"whole demo {s['seconds']:.0f} s. Scores over the 25 report prompts (5 colors x 6 places/sizes, less 5 kept for choosing settings):",

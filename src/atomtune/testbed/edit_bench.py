@@ -47,7 +47,7 @@ class EditBenchSettings:
     select_seed: int = 100
     learning_rates: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     steps: int = 60  # 60 epochs of the single image
-    num_atoms: int = 66
+    num_atoms: int = cz.RECIPE_NUM_ATOMS  # per projection (to_q, to_k, to_v, to_out.0)
     atom_budget: int = cz.RECIPE_BUDGET  # atoms kept per module during training; top-k runs k from it to 1
     scales: tuple[float, ...] = (0.75, 0.5, 0.25)  # LoRA/DoRA adapter scale, OFT rotation scale
     ranks: tuple[int, ...] = (8, 4, 2, 1)  # LoRA/DoRA: the weight update truncated to these ranks

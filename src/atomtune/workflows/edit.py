@@ -46,7 +46,7 @@ def edit(
     out_dir: str | Path,
     ks: list[int] | None = None,
     epochs: int = 60,
-    num_atoms: int = 256,
+    num_atoms: int = 64,
     learning_rate: float = 1e-4,
     resolution: int | None = None,
     seed: int = 0,

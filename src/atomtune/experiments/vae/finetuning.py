@@ -1,7 +1,8 @@
 """The two ways the pretrained VAE is fine-tuned to the new digit: atoms, and LoRA at the same budget.
 
-Both adapt the same four attention modules with the base frozen, and both leave the model unchanged
-at step 0 (the tests check it), so what they learn is the only difference between them.
+Both adapt the same projections of the four attention modules (``to_q, to_k, to_v, to_out.0``;
+atoms in the ``"attention"`` form the modules' value path instead) with the base frozen, and both
+leave the model unchanged at step 0 (the tests check it), so what they learn is the only difference.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from atomtune.experiments.vae.training import train
 
 ATTENTION_MODULES = r"^(encoder|decoder)\.\d+\.attn$"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+PROJECTIONS = r"^(encoder|decoder)\.\d+\.attn\.(" + "|".join(re.escape(t) for t in LORA_TARGETS) + ")$"
 
 
 def atom_config(s: VaeSettings, atom_budget: int | None = None) -> AtomConfig:
-    """Attention-mode atoms on the four attention modules; the core's defaults for everything else.
+    """Atoms on LoRA's projections of the four attention modules, each with its own dictionary
+    (``s.form="projections"``), or the paper's attention-mode update of the four modules
+    (``"attention"``); the core's defaults for everything else.
 
     ``atom_budget``: the core's dense-then-prune recipe, ``num_atoms`` trained, cut during training
     to this many per module (``AtomConfig.atom_budget``, its cuts and learning-rate rule as the core
@@ -35,14 +39,11 @@ def atom_config(s: VaeSettings, atom_budget: int | None = None) -> AtomConfig:
         overrides["sparsity_weight"] = s.sparsity_weight
     if s.lambda_init is not None:
         overrides["lambda_init"] = s.lambda_init
-    return AtomConfig(
-        mode="attention",
-        num_atoms=s.num_atoms,
-        attention="self",
-        target_modules=ATTENTION_MODULES,
-        atom_budget=atom_budget,
-        **overrides,
-    )
+    if s.form == "projections":
+        overrides.update(mode="linear", target_modules=PROJECTIONS)
+    else:
+        overrides.update(mode="attention", attention="self", target_modules=ATTENTION_MODULES)
+    return AtomConfig(num_atoms=s.num_atoms, atom_budget=atom_budget, **overrides)
 
 
 def add_atoms(vae: TransformerVAE, s: VaeSettings, atom_budget: int | None = None) -> AtomModel:
@@ -60,12 +61,7 @@ def add_lora(vae: TransformerVAE, s: VaeSettings, rank: int | None = None) -> Tr
 
     torch.manual_seed(s.seed + 12)
     rank = s.lora_rank if rank is None else rank
-    projections = "|".join(re.escape(t) for t in LORA_TARGETS)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=rf"^(encoder|decoder)\.\d+\.attn\.({projections})$",
-    )
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=PROJECTIONS)
     for p in vae.parameters():
         p.requires_grad_(False)
     inject_adapter_in_model(config, vae)

@@ -17,21 +17,25 @@ from atomtune.errors import AtomtuneError
 from atomtune.experiments.vae.model import TransformerVAE
 
 
-def lora_components(vae: TransformerVAE) -> dict[str, list[tuple[str, nn.Module]]]:
-    """Per attention module, its LoRA-wrapped projections ``[(projection name, lora layer), ...]``."""
+def lora_components(
+    vae: TransformerVAE, per_projection: bool = False
+) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Per attention module (or, ``per_projection``, per projection: the grouping of atoms on the
+    projections), its LoRA-wrapped projections ``[(projection name, lora layer), ...]``."""
     out: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, module in vae.named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             attn, _, proj = name.partition(".attn.")
-            out.setdefault(f"{attn}.attn", []).append((proj, module))
+            out.setdefault(name if per_projection else f"{attn}.attn", []).append((proj, module))
     return out
 
 
 class LoraStatistics:
-    """``E|a_i·x|`` of each LoRA component while in a ``with`` block (the analogue of ``AtomStatistics``)."""
+    """``E|a_i·x|`` of each LoRA component while in a ``with`` block (the analogue of ``AtomStatistics``),
+    grouped per attention module or ``per_projection`` as the atoms it stands beside are."""
 
-    def __init__(self, vae: TransformerVAE) -> None:
-        self.components = lora_components(vae)
+    def __init__(self, vae: TransformerVAE, per_projection: bool = False) -> None:
+        self.components = lora_components(vae, per_projection)
         self.abs_sum: dict[tuple[str, str], torch.Tensor] = {}
         self.count: dict[tuple[str, str], int] = {}
         self._hooks: list[Any] = []
@@ -58,7 +62,7 @@ class LoraStatistics:
         return observe
 
     def contribution(self) -> dict[str, torch.Tensor]:
-        """Per attention module, (4·rank,) contributions ``E|a_i·x|·‖b_i‖·scale``, projections in order."""
+        """Per group, (projections·rank,) contributions ``E|a_i·x|·‖b_i‖·scale``, projections in order."""
         out = {}
         for attn, projections in self.components.items():
             parts = []
@@ -80,9 +84,13 @@ class LoraStatistics:
 
 @contextmanager
 def lora_component_removed(vae: TransformerVAE, attn: str, index: int) -> Iterator[None]:
-    """Zero one LoRA component (column of ``B``) of ``attn`` for the duration of the block."""
+    """Zero one LoRA component (column of ``B``) of ``attn`` (an attention module or one of its
+    projections) for the duration of the block."""
     offset = index
-    for _proj, layer in lora_components(vae)[attn]:
+    groups = {**lora_components(vae), **lora_components(vae, per_projection=True)}
+    if attn not in groups:
+        raise AtomtuneError(f"{attn} has no LoRA components")
+    for _proj, layer in groups[attn]:
         weight = layer.lora_B["default"].weight
         if offset < weight.shape[1]:
             saved = weight.data[:, offset].clone()

@@ -128,7 +128,7 @@ def measure_lora(
     vae: TransformerVAE, new_images: torch.Tensor, z: torch.Tensor, judge: DigitJudge, s: VaeSettings
 ) -> dict[str, Any]:
     """The same measures for LoRA, its rank-one components in place of atoms."""
-    stats = LoraStatistics(vae)
+    stats = LoraStatistics(vae, per_projection=s.form == "projections")
     full = observe_generation(vae, stats, new_images, z)
     contribution = stats.contribution()
     counts = count_for_share(contribution, s.share)

@@ -31,7 +31,8 @@ METHOD_LABELS = {
 def method_label(r: dict[str, Any], key: str) -> str:
     """A row's name in the tables: the budget's size and the small LoRA's rank written out."""
     if key == "atoms_budget":
-        return f"atoms cut to {r['settings']['atom_budget']} per module"
+        where = "projection" if r["settings"].get("form", "attention") == "projections" else "module"
+        return f"atoms cut to {r['settings']['atom_budget']} per {where}"
     if key == "lora_budget":
         return f"LoRA rank {r['settings']['budget_lora_rank']}"
     return METHOD_LABELS[key]
@@ -139,7 +140,8 @@ def lora_removal_rows(
     rows = []
     for e in m["removal"]:
         name, _, component = e["removed"].partition(" LoRA ")
-        index = LoraStatistics(vae).component_names(name).index(component)
+        stats = LoraStatistics(vae, per_projection=s.form == "projections")
+        index = stats.component_names(name).index(component)
         with lora_component_removed(vae, name, index):
             rows.append((_removal_label(e, s), decode()))
     return rows

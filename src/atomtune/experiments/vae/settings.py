@@ -37,13 +37,14 @@ class VaeSettings:
     pretrain_steps: int = 1200
     finetune_steps: int = 400
     # atoms: the core's AtomConfig defaults but for these
-    num_atoms: int = 32  # per attention module (8 per head)
+    form: str = "projections"  # atoms on LoRA's four projections per attention module, or "attention"
+    num_atoms: int = 8  # per projection: 8·257 = 2056 parameters, LoRA r8's 2048 (per module: x 4)
     sparsity_weight: float | None = None  # None: AtomConfig's default
     lambda_init: float | None = None
     # The core's dense-then-prune recipe: a second atoms fine-tune, num_atoms cut to this many per
-    # module during training (AtomConfig.atom_budget); None skips it. 8 atoms cost 8·257 = 2056
-    # parameters per module, LoRA of rank 2 on the four projections 2048 (budget_lora_rank).
-    atom_budget: int | None = 8
+    # projection during training (AtomConfig.atom_budget); None skips it. 2 atoms cost 2·257 = 514
+    # parameters per projection, LoRA of rank 2 on it 512 (budget_lora_rank).
+    atom_budget: int | None = 2
     # LoRA at the same budget
     lora_rank: int = 8
     budget_lora_rank: int | None = 2  # LoRA at the pruned atoms' budget; None skips it
@@ -75,8 +76,14 @@ class VaeSettings:
             raise AtomtuneError(f"images_per_class must be >= 5, got {self.images_per_class}")
         if self.old_digit == self.new_digit:
             raise AtomtuneError("old and new digit must differ")
-        if IMAGE % self.patch or self.width % self.heads or self.num_atoms % self.heads:
-            raise AtomtuneError("patch must divide 28, and heads must divide width and num_atoms")
+        if self.form not in ("projections", "attention"):
+            raise AtomtuneError(f"form must be 'projections' or 'attention', got {self.form!r}")
+        if IMAGE % self.patch or self.width % self.heads:
+            raise AtomtuneError("patch must divide 28, and heads must divide width")
+        if self.form == "attention" and self.num_atoms % self.heads:
+            raise AtomtuneError(
+                f"attention atoms split over the heads: num_atoms must be a multiple of {self.heads}"
+            )
         for name in ("pretrain_steps", "finetune_steps", "judge_steps", "samples", "lora_rank", "batch_size"):
             if getattr(self, name) < 1:
                 raise AtomtuneError(f"{name} must be >= 1, got {getattr(self, name)}")

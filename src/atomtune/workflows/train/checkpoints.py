@@ -58,7 +58,11 @@ def save_checkpoint(out, step, settings, tuned, optimizer, generator_states, his
     return folder
 
 
-def load_checkpoint(path: Path, settings: TrainSettings, tuned: Tuned, optimizer, generator, rank: int):
+def load_checkpoint(
+    path: Path, settings: TrainSettings, tuned: Tuned, optimizer, generator, rank: int, total: int
+):
+    """Restore a checkpoint into this run, after checking it is one of this run's: the adapter's
+    structure, its tensors, its step (not past this run's ``total``) and one history record per step."""
     import json
 
     from atomtune.checkpoint import STATE_JSON, load_training_state
@@ -96,6 +100,15 @@ def load_checkpoint(path: Path, settings: TrainSettings, tuned: Tuned, optimizer
     history = extra.get("history")
     if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
         raise AtomtuneError(f"checkpoint {path}: extra.history must be a list of records")
+    if step > total:
+        raise AtomtuneError(
+            f"checkpoint {path} is at step {step}, past this run's {total} steps; "
+            "raise --max-steps (or --epochs), or train without --resume"
+        )
+    if len(history) != step:
+        raise AtomtuneError(
+            f"checkpoint {path} says step {step} but holds {len(history)} steps of history: it is corrupt"
+        )
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(tensors[name])

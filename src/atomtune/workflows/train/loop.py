@@ -143,7 +143,7 @@ def _fit(
     start_step, history = 0, []
     if resume_dir is not None:
         start_step, history = load_checkpoint(
-            resume_dir, settings, tuned, optimizer, generator, accelerator.process_index
+            resume_dir, settings, tuned, optimizer, generator, accelerator.process_index, total
         )
 
     samples: list[Path] = []

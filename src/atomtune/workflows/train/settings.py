@@ -11,7 +11,7 @@ from typing import Any
 from atomtune.diffusion.data import (
     check_prompts,
 )
-from atomtune.diffusion.methods import DEFAULT_ATOM_BUDGET, DEFAULT_NUM_ATOMS, MethodConfig
+from atomtune.diffusion.methods import DEFAULT_ATOM_BUDGET, DEFAULT_FORM, MethodConfig
 from atomtune.diffusion.pipeline import DEFAULT_PRETRAINED
 from atomtune.errors import AtomtuneError
 from atomtune.validation import check_number, check_output_not_input, check_seed
@@ -19,7 +19,7 @@ from atomtune.validation import check_number, check_output_not_input, check_seed
 OPTIMIZERS = ("came", "adamw")
 PRECISIONS = ("no", "bf16", "fp16")
 #: settings that fix the adapter's shape: a checkpoint only resumes into the same ones
-STRUCTURE = ("method", "num_atoms", "atom_budget", "rank", "oft_r", "atoms")
+STRUCTURE = ("method", "form", "num_atoms", "atom_budget", "rank", "oft_r", "atoms")
 
 
 @dataclass
@@ -39,7 +39,10 @@ class TrainSettings:
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
     method: str = "atoms"
-    num_atoms: int | str = DEFAULT_NUM_ATOMS  # or "parity": LoRA rank ``rank``'s parameters (see resolved)
+    form: str = DEFAULT_FORM  # atoms: "projections" (LoRA's targets) or "attention" (the paper's update)
+    num_atoms: int | str | None = (
+        None  # None: the form's default; "parity": LoRA rank ``rank``'s (see resolved)
+    )
     atom_budget: int = DEFAULT_ATOM_BUDGET
     rank: int = 16
     oft_r: int = 4
@@ -104,7 +107,15 @@ class TrainSettings:
         for name in ("prior_loss_weight", "guidance_scale", "weight_decay", "max_grad_norm"):
             check_number(name, getattr(self, name), minimum=0)
         check_number("learning_rate", self.learning_rate, above=0)
-        for name in ("instance_data", "instance_prompt", "output_dir", "pretrained", "dtype", "method"):
+        for name in (
+            "instance_data",
+            "instance_prompt",
+            "output_dir",
+            "pretrained",
+            "dtype",
+            "method",
+            "form",
+        ):
             _check_type(name, getattr(self, name), str)
         for name in ("variant", "token", "class_prompt", "class_data", "resume"):
             if getattr(self, name) is not None:
@@ -123,12 +134,13 @@ class TrainSettings:
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(
-            self.method, self.num_atoms, self.rank, self.oft_r, dict(self.atoms), self.atom_budget
+            self.method, self.num_atoms, self.rank, self.oft_r, dict(self.atoms), self.atom_budget, self.form
         )
 
     def resolved(self, model, target_modules: tuple[str, ...]) -> TrainSettings:
-        """These settings with ``num_atoms="parity"`` replaced by its count on ``model`` (atoms only),
-        so the card, the checkpoints' structure and a resumed run all see the number trained."""
+        """These settings with ``num_atoms`` (the form's default, or "parity") replaced by its count on
+        ``model`` (atoms only), so the card, the checkpoints' structure and a resumed run all see the
+        number trained."""
         if self.method != "atoms":
             return self
         count = self.method_config().resolved(model, target_modules).num_atoms
