@@ -116,3 +116,15 @@ def test_several_adapters_act_together_and_methods_do_not_mix(tmp_path):
         load_adapters(model, [tmp_path / "lora0", tmp_path / "atoms"], "tiny")
     with pytest.raises(AtomtuneError, match="adapter folder not found"):
         load_adapters(model, [tmp_path / "missing"], "tiny")
+
+
+def test_projection_atoms_go_where_the_host_spec_says_and_the_description_names_them():
+    tuned = apply_method(tiny_pixart(), MethodConfig(num_atoms=4), "tiny", target_modules=("to_q", "to_v"))
+    names = list(tuned.handle.atoms())
+    assert names and all(n.endswith((".to_q", ".to_v")) for n in names) and len(names) == 2 * 2 * 2
+    assert tuned.target_modules == ("to_q", "to_v")
+    text = MethodConfig(num_atoms=8).describe(tuned.target_modules)
+    assert text.startswith("atoms: 8 per projection on to_q, to_v, cut to 6 by contribution")
+    attention = MethodConfig(num_atoms=4, form="attention").describe()
+    assert "per attention module (both-attention, pre_out)" in attention
+    assert MethodConfig(form="attention").num_atoms == "parity" and MethodConfig().num_atoms == 64

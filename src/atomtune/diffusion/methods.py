@@ -11,8 +11,8 @@ DoRA rank 16 (``lora_alpha`` = rank), OFT ``r=4`` blocks. Atoms take one of two 
 - ``"attention"``: the paper's update on the attention modules, ``ΔO = σ_λ(A·X·W_s)·D``. It changes
   only the value path (without shrinkage it is a rank-M LoRA on ``to_v``), and measures so.
 
-Atoms default to as many trainable parameters as that LoRA (``num_atoms="parity"``, counted on the
-model at hand).
+Atoms default to 64 per projection cut to 6 during training, or, in the attention form, to as many
+trainable parameters as that LoRA (``num_atoms="parity"``, counted on the model at hand).
 
 An adapter folder holds the method's own files (atomtune's ``adapter_config.json`` +
 ``adapter_model.safetensors``, or PEFT's files of the same names) and ``atomtune.json``: the method,
@@ -56,9 +56,7 @@ class MethodConfig:
     """Which method, and its few settings (the rest are the paper's or the core's defaults)."""
 
     method: str = "atoms"
-    num_atoms: int | str | None = (
-        None  # a count, "parity" (LoRA rank ``rank``'s parameters), or the form's default
-    )
+    num_atoms: int | str | None = None  # a count, "parity" (LoRA rank's parameters); None: the form's
     rank: int = 16
     oft_r: int = 4
     atoms: dict[str, Any] = field(default_factory=dict)  # further AtomConfig fields
@@ -156,7 +154,8 @@ class MethodConfig:
             budget = self.atom_budget if parity else c.atom_budget
             kept = f", cut to {budget} by contribution" if budget else ""
             if self.form == "projections":
-                where = f"per projection on {', '.join(c.target_modules)}"
+                targets = c.target_modules
+                where = f"per projection on {targets if isinstance(targets, str) else ', '.join(targets)}"
             else:
                 where = f"per attention module ({c.attention}-attention, {c.placement})"
             return (
@@ -201,6 +200,7 @@ def apply_method(
         config = config.resolved(model, target_modules)
         atom_config = config.atom_config(pretrained, target_modules)
         tuned: Tuned = AtomTuned(AtomModel(model, atom_config, name), pretrained)
+        tuned.target_modules = target_modules  # what the card names (the projections form adapts them)
     else:
         from peft import inject_adapter_in_model
 

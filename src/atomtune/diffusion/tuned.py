@@ -49,7 +49,7 @@ class Tuned:
     """A transformer with one method's adapter(s) injected in place; the trainer's only view of it."""
 
     method: str
-    target_modules: tuple[str, ...] | None = None  # PEFT methods: the modules adapted, if not PixArt's
+    target_modules: tuple[str, ...] | None = None  # the host's LoRA targets, if not PixArt's
 
     def __init__(self, model: nn.Module, pretrained: str | None) -> None:
         self.model = model
