@@ -283,7 +283,7 @@ def test_fine_tunes_make_the_new_digit(fast_run):
     before = r["pretrained"]["p_new"]
     # Both methods raise P(new digit) over the pretrained model, and the judge can tell digits apart.
     assert r["judge"]["held_out_accuracy"] > 0.8
-    # Measured (seed 0): pretrained 0.005; atoms 0.470, cut to 8 atoms 0.429; LoRA 0.857, rank 2 0.677.
+    # Every fine-tune of the fast run lifts P(new) well above the pretrained model.
     for key in ("atoms", "atoms_budget", "lora", "lora_budget"):
         assert r[key]["p_new"] > before + 0.2, key
     assert r["pretrained"]["p_old"] > r["pretrained"]["p_new"]
