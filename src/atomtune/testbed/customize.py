@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atomtune.diffusion.methods import DEFAULT_FORM
+from atomtune.diffusion.methods import DEFAULT_ATOM_BUDGET, DEFAULT_FORM, DEFAULT_NUM_ATOMS
 from atomtune.errors import AtomtuneError
 from atomtune.io import save_png, save_text
 from atomtune.testbed.digit_pipeline import to_pil
@@ -44,8 +44,8 @@ SAMPLE_STEPS = 20
 # The atoms recipe on the testbed, chosen on the selection seed (benchmarks/results/testbed):
 # The atoms' recipe on the testbed, as in ``atomtune train``: 64 atoms on each projection LoRA adapts,
 # cut to RECIPE_BUDGET by contribution during training (chosen on the selection seeds: docs/quality.md).
-RECIPE_NUM_ATOMS = 64
-RECIPE_BUDGET = 6
+RECIPE_NUM_ATOMS = DEFAULT_NUM_ATOMS[DEFAULT_FORM]
+RECIPE_BUDGET = DEFAULT_ATOM_BUDGET
 RECIPE_LR = 3e-4
 
 
