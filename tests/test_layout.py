@@ -1,8 +1,8 @@
 """The package's layout holds: imports run one way between floors, no import circle, small modules.
 
 Floors, lowest first: helpers (errors, io, validation, progress, checkpoint, version) ← core (the
-method and its host tables) ← diffusion (loading, specs, methods) ← workflows ← testbed /
-evaluation / experiments / speed ← cli. A module may import its own floor or a lower one.
+method and its host tables) ← diffusion (loading, specs, methods), peft (atoms as a PEFT method) ←
+workflows ← testbed / evaluation / experiments / speed ← cli. A module may import its own floor or a lower one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ FLOORS = {  # the first matching prefix names a module's floor
     "atomtune.speed": 4,
     "atomtune.workflows": 3,
     "atomtune.diffusion": 2,
+    "atomtune.peft": 2,
     "atomtune.tiny": 2,
     "atomtune.core": 1,
     "atomtune": 0,

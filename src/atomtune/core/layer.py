@@ -117,7 +117,9 @@ class AtomLayer(nn.Module):
                 f"(atoms are split evenly over the heads)"
             )
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        atoms = Atoms(self.in_features, out_features, num_atoms, config, self.fan_in).to(like.device, dtype)
+        atoms = Atoms(self.in_features, out_features, num_atoms, config, self.fan_in)
+        # made under an empty-weights context (PEFT's low_cpu_mem_usage), it stays on meta until loaded
+        atoms = atoms.to(dtype=dtype) if atoms.W_s.is_meta else atoms.to(like.device, dtype)
         self.adapters[name] = atoms
         return atoms
 
@@ -153,8 +155,11 @@ class AtomLinear(AtomLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         atoms = self.active
-        if atoms is None:
-            return None
+        return None if atoms is None else self.delta(atoms, x)
+
+    def delta(self, atoms: Atoms, x: torch.Tensor) -> torch.Tensor:
+        """``σ_λ(X·W_s)·D`` of ``atoms`` for the input ``x``: the one formula both ``AtomModel``'s hook
+        and PEFT's layer (``atomtune.peft``) add to the wrapped layer's output."""
         z = x.to(atoms.W_s.dtype) @ atoms.W_s
         return atoms.decode(self.code(atoms, z)).to(x.dtype)
 

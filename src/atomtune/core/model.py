@@ -55,7 +55,7 @@ class AtomModel:
             raise AtomtuneError(f"adapter {name!r} exists already")
         if not name.isidentifier():
             raise AtomtuneError(f"adapter name must be an identifier, got {name!r}")
-        for module_name, module in find_targets(self.model, config):
+        for module_name, module in self.targets(config):
             layer = self._layer_for(module_name, module, config)
             m = None if num_atoms is None else num_atoms.get(module_name)
             if num_atoms is not None and m is None:
@@ -72,6 +72,10 @@ class AtomModel:
             layer.add_adapter(name, config, out, next(module.parameters()), m)
         self.configs[name] = config
         self.set_adapter(name)
+
+    def targets(self, config: AtomConfig) -> list[tuple[str, nn.Module]]:
+        """The modules ``config`` selects in the model, by name (``targets.find_targets``)."""
+        return find_targets(self.model, config)
 
     def _layer_for(self, name: str, module: nn.Module, config: AtomConfig) -> AtomLayer:
         layer = getattr(module, "atoms", None)

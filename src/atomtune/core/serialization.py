@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 
 from atomtune.core.config import AtomConfig
 from atomtune.core.layer import AtomAttention
-from atomtune.core.targets import find_targets
 from atomtune.errors import AtomtuneError
 from atomtune.io import atomic_write, check_fields, read_json
 from atomtune.validation import check_tensor, check_type, number_problem
@@ -170,7 +169,7 @@ def load_adapter(handle: AtomModel, directory: str | Path, adapter_name: str) ->
             f"adapter was trained on {meta['base_model']['class']}, not on {identity['class']}"
         )
     saved: dict[str, dict] = meta["modules"]
-    targets = dict(find_targets(handle.model, config))
+    targets = dict(handle.targets(config))
     for name in saved:
         if name not in targets:
             raise AtomtuneError(f"the model has no adaptable module {name!r} that the adapter needs")

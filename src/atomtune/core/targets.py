@@ -7,6 +7,7 @@ modules) need it, and the adapter format must not import the model handle.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -32,10 +33,15 @@ def _name_matches(name: str, target: str | list[str] | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
-def find_targets(model: nn.Module, config: AtomConfig) -> list[tuple[str, nn.Module]]:
-    """The modules ``config`` selects, in model order; an error if it selects none."""
+def find_targets(
+    model: nn.Module, config: AtomConfig, modules: Iterable[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """The modules ``config`` selects, in model order; an error if it selects none.
+
+    ``modules``: the ``(name, module)`` pairs to choose from, ``model.named_modules()`` by default (a
+    model whose layers another library wrapped passes the layers it wrapped, under their names)."""
     found = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules() if modules is None else modules:
         if config.mode == "attention":
             if not dx.is_attention(module):
                 continue
