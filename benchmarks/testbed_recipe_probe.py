@@ -5,6 +5,9 @@ held-out digit and prior preservation with 4 of the model's own drawings per oth
     python benchmarks/testbed_recipe_probe.py --out runs/recipe-probe \\
         --run proj-15 --run proj-64-cut-6 --run lora --seed 100
 
+``--prompts report`` judges on the benchmark's 25 report prompts instead: a diagnosis of a
+benchmark figure (what a setting would have scored there), never a way to choose one.
+
 Each ``--run NAME`` (a key of ``RECIPES``) appends one JSON line to ``OUT/results.jsonl``: P(target),
 feature cosine and alignment on the 5 selection prompts x 2 sampling seeds, prior kept, trainable
 parameters of the shipped adapter, and the atoms active per token in the last tenth of training
@@ -48,18 +51,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=cz.RECIPE_LR)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", choices=("selection", "report"), default="selection")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {(r["run"], r["seed"], r["lr"], r["steps"]) for r in _read(results)}
+    done = {(r["run"], r["seed"], r["lr"], r["steps"], r.get("prompts", "selection")) for r in _read(results)}
+    judged = cz.report_prompts() if args.prompts == "report" else cz.selection_prompts()
     pipe, classifier = digit_pipeline(), load_classifier()
     references = cz.instance_images(9, 5)
     instance = cz.write_images(references, out / "instance", cz.instance_captions(9, 5))
     prior = cz.prior_images(pipe, 9, out / "prior", 4)
     for name in args.run:
-        if (name, args.seed, args.lr, args.steps) in done:
+        if (name, args.seed, args.lr, args.steps, args.prompts) in done:
             continue
         method, form, num_atoms, budget, atoms = RECIPES[name]
         began = time.perf_counter()
@@ -68,13 +73,13 @@ def main() -> None:
             pipe, method, instance, cz.INSTANCE_PROMPT, run_dir, args.lr, args.steps, args.seed,
             max(num_atoms, 1), class_dir=prior, atom_budget=budget, atoms=atoms, form=form,
         )  # fmt: skip
-        scores, _ = cz.score_concept(pipe, cz.selection_prompts(), [0, 1], 9, references, classifier)
+        scores, _ = cz.score_concept(pipe, judged, [0, 1], 9, references, classifier)
         scores["prior"] = cz.score_prior(pipe, 9, [0, 1], classifier)
         params = result.tuned.num_trainable_parameters()
         result.tuned.unload()
         sparsity = read_json(result.adapter_dir / "training.json", "training record").get("sparsity") or {}
         record = {
-            "run": name, "seed": args.seed, "lr": args.lr, "steps": args.steps, **scores,
+            "run": name, "seed": args.seed, "lr": args.lr, "steps": args.steps, "prompts": args.prompts, **scores,
             "trainable_params": params, **sparsity,
             "active_share_of_start": sparsity.get("active_per_token", 0) / num_atoms if num_atoms else None,
             "seconds": time.perf_counter() - began,
