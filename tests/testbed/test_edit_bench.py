@@ -222,6 +222,16 @@ def test_reduced_run_writes_every_output_in_range_and_resumes_without_training(t
     assert [p["kept"] for p in atoms["top-k"]] == [p["kept"] for p in atoms["random-k"]]
     table = (out / "edit_bench.md").read_text()
     assert "| atoms: top-k |" in table and "| lora: rank |" in table
+    # every rate of the grid is reported; at each method's kept rate its row is the main table's run
+    assert [row["learning_rate"] for row in report["strengths"]] == [1e-4, 1e-3]
+    for method, lr in report["chosen_learning_rate"].items():
+        row = next(r for r in report["strengths"] if r["learning_rate"] == lr)
+        name = next(n for n in report["curves"] if n.startswith(f"{method}: "))
+        assert row["full"][method]["alignment"] == report["curves"][name][0]["alignment"]
+    assert set(report["strengths"][0]["topk_against"]) == names - {"atoms: top-k"}
+    assert "| learning rate | atoms: full |" in table and "| 0.001 |" in table
+    for lr in ("0.0001", "0.001"):  # both rates trained on the report sources, not only the kept one
+        assert len(list((out / "runs" / "lora" / f"lr-{lr}").glob("*/seed-0/result.json"))) == 2
     stamp = (out / "edit_bench.json").stat().st_mtime_ns
     monkeypatch.setattr(_Bench, "_train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = run_edit_bench(settings, out, progress=False)

@@ -90,6 +90,17 @@ def test_bench_on_a_reduced_grid_writes_tables_and_resumes(tmp_path):
     assert report["topk"]["sparsity"]["live_atoms"]["mean"] <= 2  # the recipe keeps its budget
     assert report["topk"]["no_cut_sparsity"]["live_atoms"]["mean"] == 12
     assert 0 <= report["merge"]["shared_atom_ids"] <= 1
+    merge = report["merge"]["rows"]
+    assert "| lora: direct sum |" in table and (out / "merge" / "style-lora" / "adapter").is_dir()
+    for name, alone in (("merge: sum", "concept only"), ("lora: direct sum", "lora: concept only")):
+        if merge[alone]["p_target"] > 0:  # each merge is judged against its own method's concept
+            assert merge[name]["concept_kept"] == pytest.approx(
+                merge[name]["p_target"] / merge[alone]["p_target"]
+            )
+    halves = report["topk"]["halves"]
+    top1 = report["topk"]["rows"][0]["p_target"]["mean"]
+    assert halves["k"] == 1 and halves["top_gain"] == pytest.approx(top1 - report["base"]["p_target"])
+    assert "Top half (1 live atoms per module) against a random half" in table
     assert (out / "frontier.png").is_file() and (out / "runs" / "atoms").is_dir()
     lines = (out / "instance_images" / "metadata.jsonl").read_text().splitlines()
     assert [json.loads(line)["text"] for line in lines] == cz.instance_captions(9, settings.instances)

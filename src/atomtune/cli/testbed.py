@@ -205,7 +205,10 @@ def register(sub) -> None:
     p.add_argument("--methods", help="default: atoms,lora,dora,oft")
     p.add_argument("--digits", help="one report source per digit (default: 9,2,9,5,9,7)")
     p.add_argument("--seeds", help="report seeds (default: 0,1,2)")
-    p.add_argument("--learning-rates", help="the grid every method chooses from (default: 1e-4,3e-4,1e-3)")
+    p.add_argument(
+        "--learning-rates",
+        help="the grid every method chooses from; every rate is also reported (default: 1e-4,3e-4,1e-3)",
+    )
     p.add_argument("--steps", type=COUNT, help="training steps on the one image (default: 60)")
     p.add_argument("--num-atoms", type=COUNT, help="atoms per projection (default: 64)")
     p.add_argument("--atom-budget", type=COUNT, help="atoms kept per projection in training (default: 6)")

@@ -6,8 +6,9 @@
   with no cut (scored whole, and with only its top ``budget`` atoms kept afterwards);
 - **true sparsity** while sampling: live atoms, share of zero coefficients, atoms active per token,
   atoms carrying 90% of a module's contribution;
-- **merging** a concept adapter with a style adapter by ``sum`` (the paper's) and ``concat``, with
-  the share of atom ids the two adapters share per module (what a sum adds onto each other);
+- **merging** a concept adapter with a style adapter by ``sum`` (the paper's) and ``concat``,
+  beside LoRA's direct sum of its own pair, with the share of atom ids the two atom adapters share
+  per module (what a sum adds onto each other);
 - the **frontier**: every learning rate of every method, fidelity against prior kept and alignment.
 """
 
@@ -82,8 +83,27 @@ def gain_share(p: float, base: float, reference: float) -> float:
     return (p - base) / (reference - base) if reference > base else float("nan")
 
 
-def merge_rows(pipe, concept: Path, style: Path, holdout: int, references, classifier, out: Path):
-    """Concept + style, alone and merged, on "a large/small sks digit, zwx style" (8 seeds each)."""
+MERGE_CASES = {  # per method: (row name, which adapters, how atoms combine)
+    "atoms": [
+        ("concept only", ("concept",), "concat"),
+        ("style only", ("style",), "concat"),
+        ("merge: sum", ("concept", "style"), "sum"),
+        ("merge: concat", ("concept", "style"), "concat"),
+    ],
+    "lora": [
+        ("lora: concept only", ("concept",), "concat"),
+        ("lora: style only", ("style",), "concat"),
+        ("lora: direct sum", ("concept", "style"), "concat"),  # both active: ΔW₁ + ΔW₂
+    ],
+}
+
+
+def merge_rows(pipe, pairs: dict[str, tuple[Path, Path]], holdout: int, references, classifier, out: Path):
+    """Concept + style, alone and merged, on "a large/small sks digit, zwx style" (8 seeds each).
+
+    ``pairs`` maps a method ("atoms", and "lora" for the baseline merging papers start from, LoRA's
+    direct sum) to its (concept, style) adapter folders. Each merge row says the share of its
+    method's concept-only P(target) it keeps."""
     from atomtune.core.serialization import read_adapter_tensors
     from atomtune.diffusion.adapters import load_adapters
     from atomtune.diffusion.pipeline import pipeline_name
@@ -92,23 +112,27 @@ def merge_rows(pipe, concept: Path, style: Path, holdout: int, references, class
     prompts = [f"a {size} {cz.SUBJECT}, {cz.STYLE_TOKEN} style" for size in ("large", "small")]
     seeds = list(range(8))
     rows = {}
-    cases = {
-        "concept only": ([concept], "concat"),
-        "style only": ([style], "concat"),
-        "merge: sum": ([concept, style], "sum"),
-        "merge: concat": ([concept, style], "concat"),
-    }
-    for name, (dirs, how) in cases.items():
-        tuned = load_adapters(pipe.transformer, dirs, pipeline_name(pipe), combine=how)
-        try:
-            images = cz.draw(pipe, prompts, seeds)
-            fid = fidelity(classifier, images, holdout, (references + 1) / 2)
-            rows[name] = {"p_target": fid["p_target"].mean().item(), "style": cz.style_share(images)}
-            sheet = cz.sheet(images, len(prompts), len(seeds))
-            save_png(sheet, out / f"{name.replace(': ', '-').replace(' ', '-')}.png")
-        finally:
-            tuned.unload()
-    ids = [read_adapter_tensors(d) for d in (concept, style)]
+    for method, (concept, style) in pairs.items():
+        folders = {"concept": concept, "style": style}
+        alone = None
+        for name, which, how in MERGE_CASES[method]:
+            tuned = load_adapters(
+                pipe.transformer, [folders[w] for w in which], pipeline_name(pipe), combine=how
+            )
+            try:
+                images = cz.draw(pipe, prompts, seeds)
+                fid = fidelity(classifier, images, holdout, (references + 1) / 2)
+                row = {"p_target": fid["p_target"].mean().item(), "style": cz.style_share(images)}
+                sheet = cz.sheet(images, len(prompts), len(seeds))
+                save_png(sheet, out / f"{name.replace(': ', '-').replace(' ', '-')}.png")
+            finally:
+                tuned.unload()
+            if which == ("concept",):
+                alone = row["p_target"]
+            if len(which) == 2:
+                row["concept_kept"] = row["p_target"] / alone if alone else None
+            rows[name] = row
+    ids = [read_adapter_tensors(d) for d in pairs["atoms"]]
     overlap = {}
     for key in (k for k in ids[0] if k.endswith(".atom_ids")):
         a = {int(i) for i in ids[0][key].tolist() if i >= 0}

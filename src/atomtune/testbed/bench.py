@@ -164,10 +164,18 @@ def run_bench(
         if settings.topk:
             report["topk"] = _topk(pipe, settings, adapters, prompts, references, classifier, base, results)
         if settings.merge:
-            style = _style_adapter(pipe, settings, chosen["atoms"], out, class_dir)
-            report["merge"] = bh.merge_rows(
-                pipe, adapters["atoms"][0], style, target, references, classifier, out / "merge"
-            )
+            pairs = {
+                "atoms": (
+                    adapters["atoms"][0],
+                    _style_adapter(pipe, settings, "atoms", chosen, out, class_dir),
+                )
+            }
+            if "lora" in settings.methods:  # the baseline merging papers start from: LoRA's direct sum
+                concept = (
+                    out / "runs" / "lora" / f"lr-{chosen['lora']:g}" / f"seed-{settings.seeds[0]}" / "adapter"
+                )
+                pairs["lora"] = (concept, _style_adapter(pipe, settings, "lora", chosen, out, class_dir))
+            report["merge"] = bh.merge_rows(pipe, pairs, target, references, classifier, out / "merge")
     save_json(report, out / "bench.json")
     save_text(markdown(report), out / "bench.md")
     return report
@@ -176,7 +184,8 @@ def run_bench(
 def _topk(pipe, settings, adapters, prompts, references, classifier, base, results) -> dict[str, Any]:
     """The recipe's adapters with only their top-k atoms kept, and the no-cut control's top-budget."""
     budget, seeds = settings.atom_budget, list(settings.eval_seeds)
-    ks = sorted({k for k in (1, 2, 4, budget) if k <= budget})
+    half = max(budget // 2, 1)
+    ks = sorted({k for k in (1, 2, half, 4, budget) if k <= budget})
     captions = cz.instance_captions(settings.holdout_digit, settings.instances) if settings.captions else []
     ranking = list(dict.fromkeys(captions or [cz.INSTANCE_PROMPT])) + [p.text for p in cz.selection_prompts()]
     args = (ranking, prompts, seeds, settings.holdout_digit, references, classifier)
@@ -208,23 +217,34 @@ def _topk(pipe, settings, adapters, prompts, references, classifier, base, resul
         row["share_of_no_cut_gain"] = bh.gain_share(row["p_target"]["mean"], base["p_target"], dense_p)
     sparsity = {key: bh.mean_std([a["sparsity"][key] for a in recipe]) for key in recipe[0]["sparsity"]}
     dense_sparsity = {key: bh.mean_std([a["sparsity"][key] for a in dense]) for key in dense[0]["sparsity"]}
-    return {"rows": rows, "sparsity": sparsity, "no_cut_sparsity": dense_sparsity}
+    halves = _halves(recipe, half, base["p_target"]) if half < budget else None
+    return {"rows": rows, "halves": halves, "sparsity": sparsity, "no_cut_sparsity": dense_sparsity}
+
+
+def _halves(recipe: list[dict[str, Any]], half: int, base: float) -> dict[str, Any]:
+    """Inside the shipped adapters: the gain over the pretrained model that their top half of live
+    atoms keeps, against a random half (the claim that the coefficients rank atoms)."""
+    top = statistics.fmean(a["topk"][half]["p_target"] for a in recipe) - base
+    chance = statistics.fmean(a["random"][half]["p_target"] for a in recipe) - base
+    ratio = top / chance if chance > 0 else None  # None: the random half keeps no gain at all
+    return {"k": half, "top_gain": top, "random_gain": chance, "ratio": ratio}
 
 
 def _stat(rows: list[dict[str, Any]], key: str = "p_target") -> dict[str, float]:
     return bh.mean_std([r[key] for r in rows])
 
 
-def _style_adapter(pipe, settings, lr, out: Path, class_dir: Path | None) -> Path:
-    """The magenta style, trained with the same recipe and rate as the concept (first report seed)."""
+def _style_adapter(pipe, settings, method: str, chosen: dict[str, float], out: Path, class_dir) -> Path:
+    """The magenta style, trained by ``method`` with the recipe and rate of its concept adapter
+    (first report seed)."""
     style_dir = cz.write_images(
         cz.style_images(settings.holdout_digit, settings.instances), out / "style_images"
     )
-    run = out / "merge" / "style"
+    run = out / "merge" / ("style" if method == "atoms" else f"style-{method}")
     if not (run / "adapter").is_dir():
         cz.train_adapter(
-            pipe, "atoms", style_dir, cz.STYLE_PROMPT, run, lr, settings.steps, settings.seeds[0],
-            settings.num_atoms, atom_budget=settings.atom_budget, class_dir=class_dir,
+            pipe, method, style_dir, cz.STYLE_PROMPT, run, chosen[method], settings.steps,
+            settings.seeds[0], settings.num_atoms, atom_budget=settings.atom_budget, class_dir=class_dir,
         ).tuned.unload()  # fmt: skip
     return run / "adapter"
 
@@ -305,6 +325,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["| atoms per module | P(target) | share of the no-cut gain |", "|---|---|---|"]
         for r in tk["rows"]:
             lines.append(f"| {r['atoms']} | {_pm(r['p_target'])} | {r['share_of_no_cut_gain']:.2f} |")
+        if tk.get("halves"):
+            h = tk["halves"]
+            ratio = "∞ (the random half keeps none)" if h["ratio"] is None else f"{h['ratio']:.2f}x"
+            lines += [
+                "",
+                f"Top half ({h['k']} live atoms per module) against a random half: P(target) gain over the "
+                f"pretrained model {h['top_gain']:+.3f} vs {h['random_gain']:+.3f}, ratio {ratio}.",
+            ]
         sp, dense = tk["sparsity"], tk["no_cut_sparsity"]
         lines += [
             "",
@@ -317,9 +345,13 @@ def markdown(report: dict[str, Any]) -> str:
     if "merge" in report:
         mg = report["merge"]
         lines += ["", f"Concept + style ({'; '.join(mg['prompts'])}; {len(mg['seeds'])} seeds each):", ""]
-        lines += ["| adapters | P(target) | style share |", "|---|---|---|"]
+        lines += [
+            "| adapters | P(target) | style share | share of its concept-only P(target) |",
+            "|---|---|---|---|",
+        ]
         for name, r in mg["rows"].items():
-            lines.append(f"| {name} | {r['p_target']:.3f} | {r['style']:.3f} |")
+            kept = "—" if r.get("concept_kept") is None else f"{r['concept_kept']:.2f}"
+            lines.append(f"| {name} | {r['p_target']:.3f} | {r['style']:.3f} | {kept} |")
         lines += ["", f"Atom ids the two adapters share, per module (mean): {mg['shared_atom_ids']:.2f}."]
     return "\n".join(lines) + "\n"
 

@@ -7,8 +7,10 @@ knob is removal of the unimportant atoms (top-k by contribution; the same count 
 control), LoRA's and DoRA's the adapter scale and the rank of the weight update, OFT's the
 rotation's scale (``edit_knobs``). Every method trains through the one trainer with the paper's
 editing recipe (60 epochs of the single image, CAME); each gets its learning rate from the same
-grid, chosen on selection sources the report never uses (``edit_sources``). ``edit_report`` draws
-the curves, the table at matched identity and the verdicts.
+grid, chosen on selection sources the report never uses (``edit_sources``), and every method also
+runs at every other rate of the grid on the report sources: at the strong rates the full adapters
+stick to the source, so that removal has something to restore. ``edit_report`` draws the curves, the
+table at matched identity and the verdicts per strength.
 
 Each run writes ``result.json`` in its own folder; a rerun skips the runs already done (resume).
 """
@@ -100,7 +102,7 @@ def run_edit_bench(
     bench = _Bench(pipe, settings, classifier, out)
     n_methods = len(settings.methods)
     total = n_methods * len(settings.learning_rates) * len(selection_sources)
-    total += (n_methods + 1) * len(report_sources) * len(settings.seeds)
+    total += (n_methods * len(settings.learning_rates) + 1) * len(report_sources) * len(settings.seeds)
     bar = progress_bar(total=total, desc="edit-bench", disable=not progress)
     selection: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
@@ -114,15 +116,21 @@ def run_edit_bench(
             score = sum(r["score"] for r in rows) / len(rows)
             selection[method].append({"learning_rate": lr, "score": score, "sources": rows})
         chosen[method] = max(selection[method], key=lambda r: r["score"])["learning_rate"]
-    runs: dict[str, list[dict[str, Any]]] = {"pretrained": [], **{m: [] for m in settings.methods}}
+    # every rate of the grid on the report sources, not only the kept one: the strong rates are where
+    # a full adapter sticks to its source, so that removal has something to restore
+    by_rate = {lr: {"pretrained": [], **{m: [] for m in settings.methods}} for lr in settings.learning_rates}
     for source in report_sources:
         for seed in settings.seeds:
-            runs["pretrained"].append(bench.base(source, seed))
+            base = bench.base(source, seed)
             bar.update(1)
-            for method in settings.methods:
-                runs[method].append(bench.run(method, chosen[method], source, seed))
-                bar.update(1)
+            for lr in settings.learning_rates:
+                by_rate[lr]["pretrained"].append(base)
+                for method in settings.methods:
+                    by_rate[lr][method].append(bench.run(method, lr, source, seed))
+                    bar.update(1)
     bar.close()
+    first = by_rate[settings.learning_rates[0]]["pretrained"]
+    runs = {"pretrained": first, **{m: by_rate[chosen[m]][m] for m in settings.methods}}
     report: dict[str, Any] = {
         "settings": asdict(settings),
         "weights": weights,
@@ -132,10 +140,11 @@ def run_edit_bench(
         "chosen_learning_rate": chosen,
         "runs": runs,
     }
-    records = [r for rows in runs.values() for r in rows]
+    records = first + [r for rates in by_rate.values() for m in settings.methods for r in rates[m]]
     records += [r for rows in selection.values() for lr in rows for r in lr["sources"]]
     report["cpu_seconds"] = sum(r["cpu_seconds"] for r in records)
     report.update(er.summarise(runs))
+    report["strengths"] = [{"learning_rate": lr, **er.strength(rates)} for lr, rates in by_rate.items()]
     er.curves_figure(report, out / "edit_curves.png")
     save_png(er.image_grid(out, report_sources[0], settings, chosen), out / "edit_grid.png")
     save_json(report, out / "edit_bench.json")

@@ -126,6 +126,34 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
+def strength(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Every method trained at one rate: its full adapter's identity and alignment (does it stick to
+    the source?), and top-k removal against each other knob, with a verdict."""
+    paired = _paired(runs)
+    curves = mean_curves(paired)
+    full = {}
+    for name, curve in curves.items():
+        full.setdefault(name.split(": ")[0], {m: curve[0][m] for m in (IDENTITY, "p_source", "alignment")})
+    against = {}
+    if TOPK in curves:
+        for other in curves:
+            if other != TOPK:
+                c = compare(paired, TOPK, other)
+                against[other] = None if c is None else {**c, "verdict": verdict(c)}
+    return {"full": full, "topk_against": against}
+
+
+def verdict(c: dict[str, Any]) -> str:
+    """ "ahead" / "behind" when the mean alignment difference is two standard errors off zero."""
+    if c["runs"] < 2:
+        return "one run"
+    if c["mean"] - 2 * c["sem"] > 0:
+        return "ahead"
+    if c["mean"] + 2 * c["sem"] < 0:
+        return "behind"
+    return "tie"
+
+
 # -- figure, grid, markdown ------------------------------------------------------------------------
 def curves_figure(report: dict[str, Any], path: Path) -> Path:
     """Alignment against identity (feature cosine; P(source digit)), a line per method and knob."""
@@ -262,6 +290,7 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(
                     f"| {other} | {c['mean']:+.3f} ± {c['sem']:.3f} | {c['wins']} / {c['losses']} / {c['runs']} |"
                 )
+    lines += _strength_lines(report)
     lines += ["", "Every curve, point by point (knob value: identity / P(source) / alignment):", ""]
     for name, curve in report["curves"].items():
         pts = "; ".join(
@@ -270,3 +299,31 @@ def markdown(report: dict[str, Any]) -> str:
         )
         lines.append(f"- {name}: {pts}")
     return "\n".join(lines) + "\n"
+
+
+def _strength_lines(report: dict[str, Any]) -> list[str]:
+    """Every rate of the grid: where the full adapters stick to the source, and whether top-k removal
+    then restores alignment better than each other knob."""
+    rows = report.get("strengths") or []
+    if not rows:
+        return []
+    methods = list(rows[0]["full"])
+    others = list(rows[0]["topk_against"])
+    lines = [
+        "",
+        "Every training strength (each rate of the grid, every method trained at it on the report sources): "
+        "the full adapter's alignment (lower: it sticks to the source; identity in brackets), and top-k "
+        "removal's alignment difference against each other knob (mean ± standard error; ahead / behind: "
+        "two standard errors off zero):",
+        "",
+        "| learning rate | " + " | ".join(f"{m}: full" for m in methods)
+        + "".join(f" | top-k vs {o}" for o in others) + " |",
+        "|---|" + "---|" * (len(methods) + len(others)),
+    ]  # fmt: skip
+    for row in rows:
+        cells = [f"{row['full'][m]['alignment']:.2f} ({row['full'][m][IDENTITY]:.3f})" for m in methods]
+        for o in others:
+            c = row["topk_against"].get(o)
+            cells.append("—" if c is None else f"{c['mean']:+.3f} ± {c['sem']:.3f} {c['verdict']}")
+        lines.append(f"| {row['learning_rate']:g} | " + " | ".join(cells) + " |")
+    return lines
