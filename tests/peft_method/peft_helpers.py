@@ -5,20 +5,12 @@ from __future__ import annotations
 import torch
 
 from atomtune import AtomConfig, AtomModel
+from atomtune.diffusion.sd3 import SD3Spec
 from atomtune.peft import AtomsPeftConfig, atoms_of
 from atomtune.tiny import tiny_pixart, tiny_pixart_inputs
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the projections the DreamBooth LoRA scripts adapt
-SD3_TARGETS = [  # train_dreambooth_lora_sd3.py's
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "attn.to_k",
-    "attn.to_out.0",
-    "attn.to_q",
-    "attn.to_v",
-]
+SD3_TARGETS = list(SD3Spec.target_modules)  # train_dreambooth_lora_sd3.py's, as the host spec names them
 METHOD = {"num_atoms": 6, "lambda_init": 0.1}
 
 
