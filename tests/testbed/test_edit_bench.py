@@ -16,7 +16,7 @@ from atomtune.diffusion.methods import MethodConfig
 from atomtune.errors import AtomtuneError
 from atomtune.testbed import edit_knobs as kn
 from atomtune.testbed.edit_bench import EditBenchSettings, _Bench, run_edit_bench
-from atomtune.testbed.edit_report import at_identity
+from atomtune.testbed.edit_report import METRICS, _strength_lines, at_identity, strength
 from atomtune.testbed.edit_sources import make_sources
 
 
@@ -160,6 +160,30 @@ def test_at_identity_interpolates_the_first_crossing():
     assert at_identity(curve, 0.85) == pytest.approx(0.4)
     assert at_identity(curve, 0.75) == pytest.approx(0.9 + (0.1 / 0.15) * 0.1)
     assert at_identity(curve, 0.95) is None
+
+
+def _record(source: str, seed: int, alignments: list[float], diverged: bool = False) -> dict:
+    """A run record: its full adapter and one knob's points, identity falling with alignment rising."""
+    point = lambda a: {m: (a if m == "alignment" else 1.0 - a) for m in METRICS}  # noqa: E731
+    record = {"source": source, "seed": seed, "full": point(alignments[0])}
+    if diverged:
+        return {**record, "diverged": True, "curves": {}}
+    return {**record, "curves": {"scale": [{"value": 0.5, **point(a)} for a in alignments[1:]]}}
+
+
+def test_a_diverged_run_is_counted_and_left_out_of_the_curves_it_cannot_have():
+    base = [{"source": s, "seed": 0, **{m: 0.5 for m in METRICS}} for s in ("a", "b")]
+    runs = {
+        "pretrained": base,
+        "lora": [_record("a", 0, [0.2, 0.4]), _record("b", 0, [0.0, 0.0], diverged=True)],
+        "dora": [_record("a", 0, [0.1, 0.3]), _record("b", 0, [0.3, 0.5])],
+    }
+    row = strength(runs)
+    assert row["diverged"] == {"lora": 1, "dora": 0}
+    assert row["full"]["lora"]["alignment"] == pytest.approx(0.2)  # the finite run alone
+    assert row["full"]["dora"]["alignment"] == pytest.approx(0.2)  # the mean of 0.1 and 0.3
+    table = "\n".join(_strength_lines({"strengths": [{"learning_rate": 1e-2, **row}]}))
+    assert "| 0.01 | 0.20 (0.800), 1 diverged | 0.20 (0.800) |" in table
 
 
 def test_sources_are_distinct_real_samples_with_one_attribute_changed_per_target():

@@ -236,14 +236,16 @@ class _Bench:
                 self.pipe, source, seed, self.settings.sample_steps, self.classifier
             )
             record["full"] = self._point(source, seed, run_dir, "full")
-            if method == "atoms":
+            if not all(bool(p.detach().isfinite().all()) for p in tuned.trainable_parameters()):
+                record["diverged"], record["curves"] = True, {}  # no knob of a NaN adapter means anything
+            elif method == "atoms":
                 record["curves"] = self._atom_curves(tuned, source, seed, run_dir)
             else:
                 _, points = kn.peft_points(tuned, method, self.settings.scales, self.settings.ranks)
         finally:
             self._unload(tuned, method)
-        if method != "atoms":  # PEFT's knob points are weights loaded into the plain model
-            record["curves"] = {}
+        if method != "atoms" and not record.get("diverged"):  # PEFT's knob points: weights loaded
+            record["curves"] = {}  # into the plain model
             for knob, value, weights in points:
                 with kn.loaded(self.pipe.transformer, weights()):
                     scores = self._point(source, seed, run_dir, f"{knob}-{value:g}")

@@ -47,10 +47,11 @@ def _paired(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, list[dict[s
 
 
 def mean_curves(paired: list[dict[str, list[dict[str, Any]]]]) -> dict[str, list[dict[str, Any]]]:
-    """Each curve's points averaged over runs, knob value by knob value."""
+    """Each curve's points averaged over the runs that have it (a diverged run has none), knob value
+    by knob value."""
     curves: dict[str, list[dict[str, Any]]] = {}
-    for name in paired[0]:
-        points = zip(*[run[name] for run in paired], strict=True)
+    for name in dict.fromkeys(name for run in paired for name in run):
+        points = zip(*[run[name] for run in paired if name in run], strict=True)
         curves[name] = [
             {"value": pts[0]["value"], **{m: statistics.fmean(p[m] for p in pts) for m in METRICS}}
             for pts in points
@@ -140,7 +141,8 @@ def strength(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             if other != TOPK:
                 c = compare(paired, TOPK, other)
                 against[other] = None if c is None else {**c, "verdict": verdict(c)}
-    return {"full": full, "topk_against": against}
+    diverged = {m: sum(bool(r.get("diverged")) for r in rs) for m, rs in runs.items() if m != "pretrained"}
+    return {"full": full, "topk_against": against, "diverged": diverged}
 
 
 def verdict(c: dict[str, Any]) -> str:
@@ -307,8 +309,8 @@ def _strength_lines(report: dict[str, Any]) -> list[str]:
     rows = report.get("strengths") or []
     if not rows:
         return []
-    methods = list(rows[0]["full"])
-    others = list(rows[0]["topk_against"])
+    methods = list(dict.fromkeys(m for row in rows for m in [*row["full"], *row.get("diverged", {})]))
+    others = list(dict.fromkeys(o for row in rows for o in row["topk_against"]))
     lines = [
         "",
         "Every training strength (each rate of the grid, every method trained at it on the report sources): "
@@ -321,9 +323,16 @@ def _strength_lines(report: dict[str, Any]) -> list[str]:
         "|---|" + "---|" * (len(methods) + len(others)),
     ]  # fmt: skip
     for row in rows:
-        cells = [f"{row['full'][m]['alignment']:.2f} ({row['full'][m][IDENTITY]:.3f})" for m in methods]
+        cells = [_full_cell(row, m) for m in methods]
         for o in others:
             c = row["topk_against"].get(o)
             cells.append("—" if c is None else f"{c['mean']:+.3f} ± {c['sem']:.3f} {c['verdict']}")
         lines.append(f"| {row['learning_rate']:g} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _full_cell(row: dict[str, Any], method: str) -> str:
+    """A method's full adapter at one rate: alignment (identity), and how many of its runs diverged."""
+    full, diverged = row["full"].get(method), row.get("diverged", {}).get(method, 0)
+    cell = "—" if full is None else f"{full['alignment']:.2f} ({full[IDENTITY]:.3f})"
+    return cell + (f", {diverged} diverged" if diverged else "")
