@@ -139,6 +139,57 @@ def _add_atoms(sub) -> None:
     p.set_defaults(func=_atoms)
 
 
+# -- report -------------------------------------------------------------------------------------
+def _report(args: argparse.Namespace) -> None:
+    from atomtune.diffusion.data import read_prompts
+    from atomtune.workflows.report import ReportSettings, report
+
+    settings = ReportSettings(
+        args.adapter,
+        args.out,
+        pretrained=args.pretrained,
+        prompts=read_prompts(args.prompt, args.prompts_file),
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.resolution,
+        width=args.resolution,
+        ks=int_list(args.ks, "--ks", minimum=0),
+        atoms_shown=args.atoms_shown,
+        bands=args.bands,
+        **loading_kwargs(args),
+    )
+    result = report(settings, progress=not args.quiet)
+    shown = len(result.data["shown"])
+    print(
+        f"wrote {result.page} ({len(result.data['prompts'])} prompts x ({len(result.data['ks'])} k values "
+        f"+ 2 x {shown} atoms shown) images; open it in a browser) and {result.data_path}"
+    )
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="one self-contained report.html: atom importance, where each atom acts, top-k slider"
+    )
+    add_loading(p)
+    p.add_argument("--adapter", required=True, help="an atoms adapter folder")
+    p.add_argument(
+        "--prompt", action="append", default=None, help="prompt (repeat; default: the instance prompt)"
+    )
+    p.add_argument("--prompts-file", default=None)
+    p.add_argument("--seed", type=SEED, default=0)
+    add_sampling(p)
+    p.add_argument(
+        "--ks", default=None, help="k values of the slider, comma-separated (default: 0, 1, 2, 4, … all)"
+    )
+    p.add_argument(
+        "--atoms-shown", type=int, default=6, help="atoms drawn removed and doubled (default: %(default)s)"
+    )
+    p.add_argument("--bands", type=COUNT, default=3, help="bands of sampler steps for the maps (default: 3)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_report)
+
+
 # -- edit ---------------------------------------------------------------------------------------
 def _edit(args: argparse.Namespace) -> None:
     from atomtune.workflows.edit import edit
@@ -262,5 +313,5 @@ def _add_tiny(sub) -> None:
 
 def register(sub) -> None:
     """Add the diffusion subcommands to the CLI's subparsers."""
-    for add in (register_train, _add_generate, _add_atoms, _add_edit, _add_merge, _add_tiny):
+    for add in (register_train, _add_generate, _add_atoms, _add_report, _add_edit, _add_merge, _add_tiny):
         add(sub)

@@ -88,6 +88,13 @@ class PixArtSpec:
                     f"(VAE factor {self.vae_scale_factor} x patch {self.patch_size})"
                 )
 
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of the image tokens an image of this size becomes, in the transformer's
+        row-major token order: latent pixels per token = VAE factor x patch (x 2 where latents are
+        packed into 2x2 patches, as in Flux)."""
+        side = self.vae_scale_factor * self.patch_size * getattr(self, "latent_multiple", 1)
+        return height // side, width // side
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Prompts:
         if self.pipe.text_encoder is None:

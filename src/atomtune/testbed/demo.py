@@ -4,8 +4,9 @@ on a CPU in a few minutes, and show what the fine-tuning changed.
 Writes to ``--out``: the instance images (with their captions), the prior-preservation images, the 25
 report prompts drawn before and after
 (``images.png``), which atoms matter in which layer (``heatmap.png``, ``rankings.json``), one prompt
-drawn with only the top-k atoms of every module kept (``sweep.png``), the adapter, and
-``summary.md`` / ``summary.json`` with the judges' scores before and after.
+drawn with only the top-k atoms of every module kept (``sweep.png``), ``report/report.html`` (where
+each atom acts, each top atom removed and doubled, the slider over k: ``atomtune report``), the
+adapter, and ``summary.md`` / ``summary.json`` with the judges' scores before and after.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def run_demo(
     out_dir: str | Path, settings: DemoSettings | None = None, progress: bool = True
 ) -> dict[str, Any]:
     from atomtune.diffusion.spec import spec_for
-    from atomtune.workflows.analyze import calibrate, heatmap, sweep
+    from atomtune.workflows.analyze import calibrate, heatmap
+    from atomtune.workflows.report import ReportSettings, report
 
     settings = settings or DemoSettings()
     began = time.perf_counter()
@@ -82,22 +84,20 @@ def run_demo(
         sparsity = stats.sparsity()
         stats.save_json(out / "rankings.json")
         heatmap(contribution, out / "heatmap.png", f"which atoms draw the {cz.word(target)}: E|s|·‖d‖")
-        ks, strip = sweep(
-            spec,
-            result.tuned,
-            contribution,
-            SWEEP_PROMPT,
-            settings.seed,
-            cz.SAMPLE_STEPS,
-            cz.GUIDANCE,
-            24,
-            24,
-            ks=list(range(settings.atom_budget + 1)) if settings.atom_budget else None,  # 0: pretrained
-        )
-        save_png(grid([_enlarge_all(strip)], [f"k={k}" for k in ks]), out / "sweep.png")
         trainable = result.tuned.num_trainable_parameters()
     finally:
         result.tuned.unload()
+    page = report(
+        ReportSettings(
+            result.adapter_dir, out / "report", prompts=[SWEEP_PROMPT], seed=settings.seed,
+            steps=cz.SAMPLE_STEPS, guidance_scale=cz.GUIDANCE, height=24, width=24,
+            ks=list(range(settings.atom_budget + 1)) if settings.atom_budget else None,  # 0: pretrained
+        ),
+        pipe=pipe, progress=False,
+    )  # fmt: skip
+    ks = page.data["ks"]
+    strip = [page.images[key] for key in page.data["slider"][0]]
+    save_png(grid([_enlarge_all(strip)], [f"k={k}" for k in ks]), out / "sweep.png")
     pil_before, pil_after = _enlarge_all(to_pil(images_before)), _enlarge_all(to_pil(images_after))
     rows = [pil_before[i * 5 : (i + 1) * 5] + pil_after[i * 5 : (i + 1) * 5] for i in range(5)]
     save_png(grid(rows, ["before"] + [""] * 4 + ["after"] + [""] * 4), out / "images.png")
@@ -115,6 +115,8 @@ def run_demo(
         "train_seconds": result.seconds,
         "sweep_prompt": SWEEP_PROMPT,
         "sweep_ks": ks,
+        "report": str(page.page),
+        "report_top_atom": page.data["shown"][0] if page.data["shown"] else None,
     }
     save_json(summary, out / "summary.json")
     save_text(_markdown(summary), out / "summary.md")
@@ -168,5 +170,24 @@ def _markdown(s: dict[str, Any]) -> str:
         "`heatmap.png` and `rankings.json` show which atoms matter in which layer; `sweep.png` draws "
         f'"{s["sweep_prompt"]}" with only the top-k atoms of every module kept, k = '
         f"{', '.join(map(str, s['sweep_ks']))}. `images.png`: the 25 prompts before (left) and after.",
+        "",
+        _report_sentences(s),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _report_sentences(s: dict[str, Any]) -> str:
+    """What to look at in ``report/report.html``, in two sentences."""
+    top = s.get("report_top_atom")
+    lead = (
+        f"start with atom {top['id']} of `{top['module']}`, the most important one: its map shows which "
+        f"patches of the digit it draws, and removing it changes the image by "
+        f"{top['removed'][0]['change']:.1%} of the pixel range"
+        if top
+        else "its atoms table ranks every live atom"
+    )
+    return (
+        f"Open `report/report.html` in a browser and {lead}. "
+        "Then drag the slider from k = 0 (the pretrained model) to the full adapter to see how few atoms "
+        "per projection it takes before the new digit appears."
+    )

@@ -96,7 +96,10 @@ def merge(
         handle.merge("concept", "style", "merged", how=how)
         out = Path(out_dir).expanduser()
         tuned = AtomTuned(handle, name)
-        tuned.save(out, extra={"merged_from": {"concept": str(concept), "style": str(style), "how": how}})
+        record = {"concept": str(concept), "style": str(style), "how": how}
+        if how == "concat":  # the style's atom ids are shifted by the concept's count
+            record["offset"] = handle.configs["concept"].num_atoms
+        tuned.save(out, extra={"merged_from": record})
         mean = sum(v["overlap"] for v in overlap.values()) / max(len(overlap), 1)
         document = {
             "concept": str(concept),
