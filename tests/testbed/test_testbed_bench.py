@@ -152,6 +152,11 @@ def test_demo_writes_its_folder(tmp_path, capsys):
         assert 0 <= summary["before"][key] <= 1 and 0 <= summary["after"][key] <= 1
     assert summary["before"]["prior"] >= 0.8  # the shipped model draws the other digits
     assert "atomtune demo" in capsys.readouterr().out
+    page = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert (tmp_path / "demo" / "report" / "report.html").is_file()
+    assert page["ks"] == summary["sweep_ks"] and page["maps"]  # the digits' tokens are mapped
+    words = (tmp_path / "demo" / "summary.md").read_text()
+    assert "report/report.html" in words and f"atom {page['shown'][0]['id']} of" in words
 
 
 def test_demo_bad_input_is_one_line(tmp_path, capsys):

@@ -182,7 +182,7 @@ def _report_sentences(s: dict[str, Any]) -> str:
     lead = (
         f"start with atom {top['id']} of `{top['module']}`, the most important one: its map shows which "
         f"patches of the digit it draws, and removing it changes the image by "
-        f"{top['removed'][0]['change']:.1%} of the pixel range"
+        f"{top['removed'][0]['change']:.2%} of the pixel range"
         if top
         else "its atoms table ranks every live atom"
     )

@@ -30,7 +30,7 @@ from atomtune.diffusion.pipeline import DEFAULT_PRETRAINED, pipeline_name, resol
 from atomtune.diffusion.spec import spec_for
 from atomtune.diffusion.tuned import AtomTuned
 from atomtune.errors import AtomtuneError
-from atomtune.io import atomic_write, save_json
+from atomtune.io import atomic_write
 from atomtune.progress import progress_bar
 from atomtune.validation import check_output_not_input
 from atomtune.workflows.analyze import _training_prompts, sweep_ks
@@ -170,7 +170,9 @@ def report(settings: ReportSettings, pipe=None, progress: bool = True) -> Report
         tuned.unload()
     out = Path(s.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    data_path = save_json(data, out / "report.json")
+    data_path = out / "report.json"  # compact: the maps are most of it
+    text = json.dumps(data, separators=(",", ":")) + "\n"
+    atomic_write(data_path, lambda p: p.write_text(text))
     page = out / "report.html"
     html = render_page(data, {key: png_data_uri(img) for key, img in images.items()})
     atomic_write(page, lambda p: p.write_text(html, encoding="utf-8"))

@@ -105,7 +105,7 @@ function color(v) { const x = Math.max(0, Math.min(1, v)) * (STOPS.length - 1), 
 function drawMap(canvas, grid) {
   const rows = grid.length, cols = grid[0].length; canvas.width = cols; canvas.height = rows;
   const top = Math.max(...grid.flat(), 1e-30), ctx = canvas.getContext('2d'), img = ctx.createImageData(cols, rows);
-  grid.flat().forEach((v, i) => { const [r, g, b] = color(v / top); img.data.set([r, g, b, Math.round(60 + 150 * v / top)], 4 * i); });
+  grid.flat().forEach((v, i) => { const [r, g, b] = color(v / top); img.data.set([r, g, b, Math.round(190 * Math.sqrt(v / top))], 4 * i); });
   ctx.putImageData(img, 0, 0); return top;
 }
 
@@ -154,7 +154,7 @@ def _json_block(element_id: str, value: Any) -> str:
 def render_page(data: dict[str, Any], images: dict[str, str]) -> str:
     """The page for ``data`` (see ``workflows.report``) and ``images`` (key -> PNG data URI)."""
     title = f"atomtune report: {data['card']['adapter']}"
-    images_drawn = len(images) - len(data["prompts"])
+    images_drawn = len(images)  # prompts x (k values + 2 x atoms shown): the last k is the full adapter
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
 <body>
