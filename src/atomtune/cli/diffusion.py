@@ -162,7 +162,7 @@ def _report(args: argparse.Namespace) -> None:
     result = report(settings, progress=not args.quiet)
     shown = len(result.data["shown"])
     print(
-        f"wrote {result.page} ({len(result.data['prompts'])} prompts x ({len(result.data['ks'])} k values "
+        f"wrote {result.page} ({len(result.data['prompts'])} prompt(s) x ({len(result.data['ks'])} k values "
         f"+ 2 x {shown} atoms shown) images; open it in a browser) and {result.data_path}"
     )
 
