@@ -96,11 +96,11 @@ def report(settings: ReportSettings, pipe=None, progress: bool = True) -> Report
     live = {n: m != 0 for n, (m, _) in saved.items()}
     draw = _Drawer(spec, prompts, s, height, width)
     try:
-        ks = list(s.ks) if s.ks else [0, *sweep_ks(max(int(v.sum()) for v in live.values()))]
+        most = max(int(v.sum()) for v in live.values())
+        ks = list(s.ks) if s.ks else [0, *sweep_ks(most)]
         shown_count = s.atoms_shown
-        bar = progress_bar(
-            total=len(prompts) * (len(ks) + 2 * shown_count), desc="report", disable=not progress
-        )
+        per_prompt = 1 + sum(k < most for k in ks) + 2 * shown_count  # k >= most: the full image again
+        bar = progress_bar(total=len(prompts) * per_prompt, desc="report", disable=not progress)
         grid = spec.token_grid(height, width)
         full, maps = [], []
         with AtomStatistics(handle) as stats:
@@ -110,44 +110,12 @@ def report(settings: ReportSettings, pipe=None, progress: bool = True) -> Report
                 maps.append(recorder.maps())
                 bar.update(1)
         contribution = {n: c * live[n] for n, c in stats.contribution().items()}
-        images: dict[str, Any] = {}
-        slider = []
-        for i in range(len(prompts)):
-            row = []
-            for k in ks:
-                key = f"p{i}-k{k}"
-                if k >= max(int(v.sum()) for v in live.values()):
-                    key = f"p{i}-full"  # every live atom kept: the full adapter, drawn above
-                elif k == 0:
-                    with tuned.disable():
-                        images[key] = draw(i)
-                    bar.update(1)
-                else:
-                    handle.set_masks(_top_k(contribution, live, k))
-                    images[key] = draw(i)
-                    _restore(handle, saved)
-                    bar.update(1)
-                row.append(key)
-            slider.append(row)
-        shown = _choose_shown(contribution, shown_count)
-        shown_rows = []
-        for module, position in shown:
-            atom_id = int(handle.atoms()[module].atom_ids[position])
-            row: dict[str, Any] = {"module": module, "id": atom_id, "removed": [], "doubled": []}
-            for what in ("removed", "doubled"):
-                for i in range(len(prompts)):
-                    key = f"p{i}-{module}-{atom_id}-{what}"
-                    if what == "removed":
-                        mask = live[module].clone()
-                        mask[position] = False
-                        handle.set_masks({module: mask})
-                    else:
-                        handle.set_gains({module: {atom_id: 2.0 * float(saved[module][1][position])}})
-                    images[key] = draw(i)
-                    _restore(handle, saved)
-                    row[what].append({"image": key, "change": image_change(images[key], full[i])})
-                    bar.update(1)
-            shown_rows.append(row)
+        images: dict[str, Any] = {f"p{i}-full": image for i, image in enumerate(full)}
+        steer = _Steering(handle, tuned, saved, live, draw, images, bar)
+        slider = [steer.slider(i, ks, most, contribution) for i in range(len(prompts))]
+        shown_rows = [
+            steer.one_atom(module, j, full) for module, j in _choose_shown(contribution, shown_count)
+        ]
         bar.close()
         data = {
             "card": _card(s, info, tuned, pipeline_name(pipe), stats),
@@ -164,7 +132,6 @@ def report(settings: ReportSettings, pipe=None, progress: bool = True) -> Report
             "shown": shown_rows,
             "maps": _maps_data(handle, maps, contribution),
         }
-        images.update({f"p{i}-full": image for i, image in enumerate(full)})
     finally:
         _restore(handle, saved)
         tuned.unload()
@@ -198,6 +165,51 @@ class _Drawer:
                 self.height,
                 self.width,
             )
+
+
+class _Steering:
+    """The images of the slider and of single atoms: each steers the adapter, draws, and restores it."""
+
+    def __init__(self, handle, tuned: AtomTuned, saved, live, draw: _Drawer, images: dict, bar) -> None:
+        self.handle, self.tuned, self.saved, self.live = handle, tuned, saved, live
+        self.draw, self.images, self.bar = draw, images, bar
+
+    def _draw(self, key: str, i: int) -> str:
+        self.images[key] = self.draw(i)
+        _restore(self.handle, self.saved)
+        self.bar.update(1)
+        return key
+
+    def slider(self, i: int, ks: list[int], most: int, contribution) -> list[str]:
+        """Prompt ``i`` with the top-k live atoms of every module, per k (0: the adapter off)."""
+        keys = []
+        for k in ks:
+            if k >= most:
+                keys.append(f"p{i}-full")  # every live atom kept: the full adapter, drawn already
+            elif k == 0:
+                with self.tuned.disable():
+                    keys.append(self._draw(f"p{i}-k0", i))
+            else:
+                self.handle.set_masks(_top_k(contribution, self.live, k))
+                keys.append(self._draw(f"p{i}-k{k}", i))
+        return keys
+
+    def one_atom(self, module: str, position: int, full: list) -> dict[str, Any]:
+        """Every prompt with the atom at ``position`` of ``module`` removed, then with its gain doubled."""
+        atom_id = int(self.handle.atoms()[module].atom_ids[position])
+        row: dict[str, Any] = {"module": module, "id": atom_id, "removed": [], "doubled": []}
+        for what in ("removed", "doubled"):
+            for i in range(len(full)):
+                if what == "removed":
+                    mask = self.live[module].clone()
+                    mask[position] = False
+                    self.handle.set_masks({module: mask})
+                else:
+                    gain = 2.0 * float(self.saved[module][1][position])
+                    self.handle.set_gains({module: {atom_id: gain}})
+                key = self._draw(f"p{i}-{module}-{atom_id}-{what}", i)
+                row[what].append({"image": key, "change": image_change(self.images[key], full[i])})
+        return row
 
 
 def _restore(handle, saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
