@@ -212,13 +212,18 @@ def test_cli_report_on_tiny_sd3_and_bad_input(tmp_path, capsys):
         (["--adapter", str(tmp_path / "missing")], "missing"),
         (["--adapter", adapter, "--ks", "0,-1"], "--ks"),
         (["--adapter", adapter, "--atoms-shown", "-1"], "atoms shown"),
-        (["--adapter", adapter, "--out", adapter], ""),
+        (["--adapter", adapter, "--out", adapter], "is one of the inputs"),
     ]
     for extra, words in cases:
         argv = ["report", "--pretrained", "tiny-sd3", "--quiet", "--out", str(tmp_path / "bad"), *extra]
         assert main(argv) == 2, extra
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, (extra, err)
+    argv = ["report", "--pretrained", "tiny", "--adapter", adapter, "--quiet", "--out", str(tmp_path / "bad")]
+    assert main(argv) == 2  # an SD3 adapter on PixArt
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and "is for another model" in err[0]
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("how", ["concat", "sum"])
