@@ -286,7 +286,7 @@ def _readme_commands() -> list[list[str]]:
 def test_readme_diffusion_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """README's commands, verbatim (the DreamBooth folder resolved), from a scratch folder."""
     commands = _readme_commands()
-    assert {c[1] for c in commands} == {"train", "generate", "atoms", "edit", "merge"}
+    assert {c[1] for c in commands} == {"train", "generate", "atoms", "edit", "merge", "report"}
     data = dreambooth_images(tmp_path / "data" / "dog", "dog", 5).parent
     dreambooth_images(data / "red_cartoon", "red_cartoon", 3)
     dreambooth_images(data / "cat", "cat", 1)
@@ -299,6 +299,7 @@ def test_readme_diffusion_commands_run_as_written(tmp_path, monkeypatch, capsys)
     assert "trained atoms for 15 steps" in out  # 10, then resumed to 3 epochs of 5 images
     written = ["runs/dog/adapter/README.md", "out/generate/grid.png", "out/atoms/sweep.png"]
     written += ["out/atoms/heatmap.png", "out/edit/edit_grid.png", "out/merged/overlap.json"]
+    written += ["out/report/report.html"]  # of the merge: each atom says which input it came from
     for path in written:
         assert (tmp_path / path).is_file(), path
 
