@@ -17,7 +17,8 @@ from atomtune.core.maps import AtomActivationMaps
 from atomtune.core.model import AtomModel
 from atomtune.diffusion.pipeline import resolve_pipe
 from atomtune.diffusion.spec import spec_for
-from atomtune.workflows.report import ReportSettings, pool_map, read_page_data, report
+from atomtune.workflows.report import ReportSettings, pool_map, report
+from atomtune.workflows.report_page import read_page_data
 from diffusion_helpers import dreambooth_images, one_thread
 
 PROMPTS = ["a sks dog", "a sks dog on the beach"]

@@ -14,8 +14,6 @@ Written: ``report.html`` (images and data inline; it opens from disk with no net
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from atomtune.io import atomic_write
 from atomtune.progress import progress_bar
 from atomtune.validation import check_output_not_input
 from atomtune.workflows.analyze import _training_prompts, sweep_ks
-from atomtune.workflows.report_page import render_page
+from atomtune.workflows.report_page import png_data_uri, render_page
 
 MAX_MAP_SIDE = 32  # maps of larger grids are average-pooled down to this many cells a side
 MAPPED_PER_MODULE = 16  # atoms per module whose maps the page carries (the most important ones)
@@ -246,12 +244,6 @@ def image_change(image, reference) -> float:
     return float(np.abs(a - b).mean() / 255.0)
 
 
-def png_data_uri(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _band_labels(steps: int, bands: int) -> list[str]:
     bands = min(bands, steps)
     labels = []
@@ -384,18 +376,3 @@ def pool_map(maps: torch.Tensor, side: int = MAX_MAP_SIDE) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(maps.reshape(-1, 1, rows, cols), factor).reshape(
         *maps.shape[:-2], rows // factor, cols // factor
     )
-
-
-def read_page_data(page: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """The data and images a written ``report.html`` carries (for tests and tools)."""
-    from atomtune.workflows.report_page import DATA_ID, IMAGES_ID
-
-    text = Path(page).read_text(encoding="utf-8")
-
-    def block(element_id: str) -> Any:
-        start = text.index(f'<script type="application/json" id="{element_id}">') + len(
-            f'<script type="application/json" id="{element_id}">'
-        )
-        return json.loads(text[start : text.index("</script>", start)].replace("<\\/", "</"))
-
-    return block(DATA_ID), block(IMAGES_ID)

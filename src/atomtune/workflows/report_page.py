@@ -8,8 +8,11 @@ steps), its removed / doubled images and the slider over k.
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
+from pathlib import Path
 from typing import Any
 
 DATA_ID, IMAGES_ID = "atomtune-data", "atomtune-images"
@@ -178,3 +181,22 @@ maps are |s| per image patch on the latent grid, averaged over both guidance hal
 <script>{SCRIPT}</script>
 </body></html>
 """
+
+
+def png_data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def read_page_data(page: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The data and images a written ``report.html`` carries (for tests and tools)."""
+    text = Path(page).read_text(encoding="utf-8")
+
+    def block(element_id: str) -> Any:
+        start = text.index(f'<script type="application/json" id="{element_id}">') + len(
+            f'<script type="application/json" id="{element_id}">'
+        )
+        return json.loads(text[start : text.index("</script>", start)].replace("<\\/", "</"))
+
+    return block(DATA_ID), block(IMAGES_ID)
