@@ -19,6 +19,12 @@ def test_api_example_runs_as_written(tmp_path, monkeypatch):
     assert namespace["bare"].shape == (*namespace["inputs"]["hidden_states"].shape[:1], 8, 8, 8)
 
 
+def test_readme_reads_in_five_minutes():
+    assert len(README.splitlines()) <= 250
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)", README))
+    assert linked and all((ROOT / page).is_file() for page in linked), linked
+
+
 def test_ci_runs_readme_test_command():
     blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
     assert len(blocks) == 2, "README keeps exactly two set-up commands"
