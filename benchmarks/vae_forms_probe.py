@@ -42,16 +42,46 @@ def fine_tune(vae: TransformerVAE, s: VaeSettings, images: torch.Tensor, parts) 
         AtomModel(tuned, atom_config(s.replace(form=f, num_atoms=n)), adapter_name=f"a{i}")
         for i, (f, n) in enumerate(parts)
     ]
-    params = [p for h in handles for p in h.trainable_parameters()]
-    for p in params:  # a second handle freezes what it finds, the first handle's atoms included
-        p.requires_grad_(True)
+    params = _train_together(handles)
     tuned.train()
+    penalties = handles[0]  # its terms cover every active layer of the model, both handles' alike
+    if (
+        len(
+            {
+                (
+                    h.configs[h.active_adapter].sparsity_weight,
+                    h.configs[h.active_adapter].orthogonality_weight,
+                )
+                for h in handles
+            }
+        )
+        > 1
+    ):
+        raise SystemExit("the handles' penalty weights differ; one penalty term cannot stand for both")
 
     def loss(x: torch.Tensor) -> torch.Tensor:
-        return tuned.loss(x) + sum(h.regularization_loss() for h in handles)
+        return tuned.loss(x) + penalties.regularization_loss()
 
     train(loss, params, images, s, s.finetune_steps, "atoms", False)
     return tuned.eval(), sum(p.numel() for p in params)
+
+
+def _train_together(handles: list[AtomModel]) -> list[torch.nn.Parameter]:
+    """Every handle's layers active and its tensors trainable. A later handle freezes every parameter
+    it finds and, in ``set_adapter``, silences the layers whose adapters it lacks (the earlier
+    handle's), so both are set again here, layer by layer."""
+    for h in handles:
+        for layer in h.layers().values():
+            if h.active_adapter in layer.adapters:
+                layer.active_adapter = h.active_adapter
+    params = []
+    for h in handles:
+        learn_lambda = h.configs[h.active_adapter].learn_lambda
+        for atoms in h.atoms().values():
+            for name, p in atoms.named_parameters():
+                if name != "lam" or learn_lambda:
+                    params.append(p.requires_grad_(True))
+    return params
 
 
 def main() -> None:
