@@ -45,18 +45,10 @@ def fine_tune(vae: TransformerVAE, s: VaeSettings, images: torch.Tensor, parts) 
     params = _train_together(handles)
     tuned.train()
     penalties = handles[0]  # its terms cover every active layer of the model, both handles' alike
-    if (
-        len(
-            {
-                (
-                    h.configs[h.active_adapter].sparsity_weight,
-                    h.configs[h.active_adapter].orthogonality_weight,
-                )
-                for h in handles
-            }
-        )
-        > 1
-    ):
+    weights = {
+        (c.sparsity_weight, c.orthogonality_weight) for c in (h.configs[h.active_adapter] for h in handles)
+    }
+    if len(weights) > 1:
         raise SystemExit("the handles' penalty weights differ; one penalty term cannot stand for both")
 
     def loss(x: torch.Tensor) -> torch.Tensor:

@@ -149,9 +149,13 @@ atomsTable(); detail();
 """
 
 
+def _json_opening(element_id: str) -> str:
+    return f'<script type="application/json" id="{element_id}">'
+
+
 def _json_block(element_id: str, value: Any) -> str:
     text = json.dumps(value, separators=(",", ":")).replace("</", "<\\/")  # no early end of the script
-    return f'<script type="application/json" id="{element_id}">{text}</script>'
+    return f"{_json_opening(element_id)}{text}</script>"
 
 
 def render_page(data: dict[str, Any], images: dict[str, str]) -> str:
@@ -194,9 +198,7 @@ def read_page_data(page: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     text = Path(page).read_text(encoding="utf-8")
 
     def block(element_id: str) -> Any:
-        start = text.index(f'<script type="application/json" id="{element_id}">') + len(
-            f'<script type="application/json" id="{element_id}">'
-        )
+        start = text.index(_json_opening(element_id)) + len(_json_opening(element_id))
         return json.loads(text[start : text.index("</script>", start)].replace("<\\/", "</"))
 
     return block(DATA_ID), block(IMAGES_ID)
