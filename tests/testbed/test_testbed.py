@@ -99,6 +99,11 @@ def test_judges_on_held_out_real_digits(digits):
     score = fidelity(classifier, refs, 9, refs)
     assert score["p_target"].mean() > 0.9 and score["feature_cosine"].mean() > 0.5
     assert fidelity(classifier, refs, 4, refs)["p_target"].mean() < 0.1
+    # the log keeps apart what P rounds together: the naive log of the softmax, in float64
+    with torch.no_grad():
+        naive = classifier(extract_glyph(refs)).double().softmax(1)[:, 9].log()
+    torch.testing.assert_close(score["log_p_target"], naive, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(score["log_p_target"].exp(), score["p_target"])
     blank = torch.zeros(1, 3, CANVAS, CANVAS)
     assert measure(blank)[0].color is None and extract_glyph(blank).abs().sum() == 0
 

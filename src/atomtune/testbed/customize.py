@@ -185,6 +185,7 @@ def score_concept(
     judged = [(i, p.attributes) for i, p in enumerate(p for p in prompts for _ in seeds) if p.attributes]
     scores = {
         "p_target": fid["p_target"].mean().item(),
+        "log_p_target": fid["log_p_target"].mean().item(),
         "feature_cosine": fid["feature_cosine"].mean().item(),
     }
     if judged:

@@ -172,13 +172,18 @@ def alignment(image: torch.Tensor, prompts: list[Attributes]) -> torch.Tensor:
 def fidelity(
     classifier: DigitClassifier, image: torch.Tensor, target: int, references: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """P(target class) and mean feature cosine to ``references`` (real instance images), per image."""
+    """P(target class), its log (which keeps ranking runs once P rounds to 1) and mean feature cosine
+    to ``references`` (real instance images), per image."""
     with torch.no_grad():
         glyphs = extract_glyph(image)
-        probs = classifier(glyphs).softmax(1)[:, target]
+        log_probs = classifier(glyphs).double().log_softmax(1)[:, target]
         feats = F.normalize(classifier.features(glyphs), dim=1)
         ref = F.normalize(classifier.features(extract_glyph(references)), dim=1)
-    return {"p_target": probs.double(), "feature_cosine": (feats @ ref.T).mean(1).double()}
+    return {
+        "p_target": log_probs.exp(),
+        "log_p_target": log_probs,
+        "feature_cosine": (feats @ ref.T).mean(1).double(),
+    }
 
 
 def train_and_save_judge(out: str | Path, epochs: int = 30, seed: int = 0) -> float:
