@@ -101,6 +101,13 @@ def test_bench_on_a_reduced_grid_writes_tables_and_resumes(tmp_path):
     top1 = report["topk"]["rows"][0]["p_target"]["mean"]
     assert halves["k"] == 1 and halves["top_gain"] == pytest.approx(top1 - report["base"]["p_target"])
     assert "Top half (1 live atoms per module) against a random half" in table
+    across = halves["across_modules"]  # half of all live atoms, ranked over the modules together
+    from safetensors.torch import load_file
+
+    shipped = out / "runs" / "atoms" / "lr-0.001" / "seed-0" / "adapter" / "adapter_model.safetensors"
+    masks = [t for name, t in load_file(shipped).items() if name.endswith(".mask")]
+    assert masks and across["atoms"] == sum(int((m != 0).sum()) for m in masks) // 2
+    assert "Ranked over all modules together" in table
     assert (out / "frontier.png").is_file() and (out / "runs" / "atoms").is_dir()
     lines = (out / "instance_images" / "metadata.jsonl").read_text().splitlines()
     assert [json.loads(line)["text"] for line in lines] == cz.instance_captions(9, settings.instances)

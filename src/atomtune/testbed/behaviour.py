@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from atomtune.core.selection import top_k_masks
+from atomtune.core.selection import global_top_k_masks, top_k_masks
 from atomtune.io import save_png
 from atomtune.testbed import customize as cz
 
@@ -36,8 +36,9 @@ def topk_rows(
     references,
     classifier,
 ):
-    """Per adapter (one per report seed): sparsity while sampling, and the scores with only the
-    top-k atoms of every module kept, and with k random ones (the control).
+    """Per adapter (one per report seed): sparsity while sampling, the scores with only the top-k
+    atoms of every module kept and with k random ones (the control), and the top half of all live
+    atoms ranked over the modules together against a random half (``across``).
 
     Atoms are ranked by their contribution while sampling the ``ranking`` prompts (the training
     captions and the selection prompts; never the report prompts, which only judge)."""
@@ -45,6 +46,9 @@ def topk_rows(
     from atomtune.diffusion.pipeline import pipeline_name
     from atomtune.diffusion.spec import spec_for
     from atomtune.workflows.analyze import calibrate
+
+    def judge() -> dict[str, float]:
+        return cz.score_concept(pipe, prompts, seeds, target, references, classifier)[0]
 
     per_adapter = []
     for adapter in adapters:
@@ -60,18 +64,33 @@ def topk_rows(
             generator = torch.Generator().manual_seed(0)
             for k in ks:
                 tuned.handle.set_masks({n: m & live[n] for n, m in top_k_masks(contribution, k).items()})
-                rows[k], _ = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
+                rows[k] = judge()
                 if k < max(int(m.sum()) for m in live.values()):
                     noise = {
                         n: torch.rand(len(m), generator=generator, dtype=torch.float64) * m
                         for n, m in live.items()
                     }
                     tuned.handle.set_masks({n: m & live[n] for n, m in top_k_masks(noise, k).items()})
-                    chance[k], _ = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
-            per_adapter.append({"sparsity": sparsity, "topk": rows, "random": chance})
+                    chance[k] = judge()
+            across = _halves_across_modules(tuned, live, contribution, generator, judge)
+            per_adapter.append({"sparsity": sparsity, "topk": rows, "random": chance, "across": across})
         finally:
             tuned.unload()
     return per_adapter
+
+
+def _halves_across_modules(tuned, live, contribution, generator, judge) -> dict[str, Any]:
+    """The top half of all live atoms ranked over every module together, against a random half
+    drawn over every module: a module whose atoms carry more keeps more of them."""
+    half = sum(int(m.sum()) for m in live.values()) // 2
+    noise = {
+        n: (torch.rand(len(m), generator=generator, dtype=torch.float64) + 1e-9) * m for n, m in live.items()
+    }
+    out = {"atoms": half}
+    for key, importance in (("top", contribution), ("random", noise)):
+        tuned.handle.set_masks({n: m & live[n] for n, m in global_top_k_masks(importance, half).items()})
+        out[key] = judge()
+    return out
 
 
 def mean_std(values: list[float]) -> dict[str, float]:

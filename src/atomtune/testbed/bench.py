@@ -227,7 +227,15 @@ def _halves(recipe: list[dict[str, Any]], half: int, base: float) -> dict[str, A
     top = statistics.fmean(a["topk"][half]["p_target"] for a in recipe) - base
     chance = statistics.fmean(a["random"][half]["p_target"] for a in recipe) - base
     ratio = top / chance if chance > 0 else None  # None: the random half keeps no gain at all
-    return {"k": half, "top_gain": top, "random_gain": chance, "ratio": ratio}
+    across_top = statistics.fmean(a["across"]["top"]["p_target"] for a in recipe) - base
+    across_random = statistics.fmean(a["across"]["random"]["p_target"] for a in recipe) - base
+    across = {
+        "atoms": statistics.fmean(a["across"]["atoms"] for a in recipe),
+        "top_gain": across_top,
+        "random_gain": across_random,
+        "ratio": across_top / across_random if across_random > 0 else None,
+    }
+    return {"k": half, "top_gain": top, "random_gain": chance, "ratio": ratio, "across_modules": across}
 
 
 def _stat(rows: list[dict[str, Any]], key: str = "p_target") -> dict[str, float]:
@@ -333,6 +341,14 @@ def markdown(report: dict[str, Any]) -> str:
                 f"Top half ({h['k']} live atoms per module) against a random half: P(target) gain over the "
                 f"pretrained model {h['top_gain']:+.3f} vs {h['random_gain']:+.3f}, ratio {ratio}.",
             ]
+            if "across_modules" in h:  # bench.json files written before the measure existed lack it
+                a = h["across_modules"]
+                ratio = "∞ (the random half keeps none)" if a["ratio"] is None else f"{a['ratio']:.2f}x"
+                lines[-1] += (
+                    f" Ranked over all modules together (the top {a['atoms']:.0f} of all live atoms against "
+                    f"{a['atoms']:.0f} drawn at random over all modules): {a['top_gain']:+.3f} vs "
+                    f"{a['random_gain']:+.3f}, ratio {ratio}."
+                )
         sp, dense = tk["sparsity"], tk["no_cut_sparsity"]
         lines += [
             "",
