@@ -26,6 +26,7 @@ from atomtune.core.selection import global_top_k_masks
 from atomtune.diffusion.adapters import load_adapters
 from atomtune.diffusion.pipeline import pipeline_name
 from atomtune.diffusion.spec import spec_for
+from atomtune.testbed import behaviour as bh
 from atomtune.testbed import customize as cz
 from atomtune.testbed.digit_pipeline import digit_pipeline
 from atomtune.testbed.judges import fidelity, load_classifier
@@ -61,11 +62,7 @@ def global_halves(pipe, classifier, references, adapter: Path) -> dict:
         generator = torch.Generator().manual_seed(0)
         randoms = []
         for _ in range(2):
-            noise = {
-                n: (torch.rand(len(m), generator=generator, dtype=torch.float64) + 1e-9) * m
-                for n, m in live.items()
-            }
-            randoms.append(score(global_top_k_masks(noise, half)))
+            randoms.append(score(global_top_k_masks(bh.random_importance(live, generator), half)))
         top = global_top_k_masks(contribution, half)
         kept = Counter()
         for name, mask in top.items():

@@ -66,10 +66,7 @@ def topk_rows(
                 tuned.handle.set_masks({n: m & live[n] for n, m in top_k_masks(contribution, k).items()})
                 rows[k] = judge()
                 if k < max(int(m.sum()) for m in live.values()):
-                    noise = {
-                        n: torch.rand(len(m), generator=generator, dtype=torch.float64) * m
-                        for n, m in live.items()
-                    }
+                    noise = random_importance(live, generator)
                     tuned.handle.set_masks({n: m & live[n] for n, m in top_k_masks(noise, k).items()})
                     chance[k] = judge()
             across = _halves_across_modules(tuned, live, contribution, generator, judge)
@@ -79,15 +76,20 @@ def topk_rows(
     return per_adapter
 
 
+def random_importance(live: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random ranking of the live atoms (the control): every live atom above every cut one, even
+    where a uniform draw lands on 0."""
+    return {
+        n: (torch.rand(len(m), generator=generator, dtype=torch.float64) + 1e-9) * m for n, m in live.items()
+    }
+
+
 def _halves_across_modules(tuned, live, contribution, generator, judge) -> dict[str, Any]:
     """The top half of all live atoms ranked over every module together, against a random half
     drawn over every module: a module whose atoms carry more keeps more of them."""
     half = sum(int(m.sum()) for m in live.values()) // 2
-    noise = {
-        n: (torch.rand(len(m), generator=generator, dtype=torch.float64) + 1e-9) * m for n, m in live.items()
-    }
     out = {"atoms": half}
-    for key, importance in (("top", contribution), ("random", noise)):
+    for key, importance in (("top", contribution), ("random", random_importance(live, generator))):
         tuned.handle.set_masks({n: m & live[n] for n, m in global_top_k_masks(importance, half).items()})
         out[key] = judge()
     return out
