@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atomtune.diffusion.data import check_prompts, has_token, load_images, read_prompts
-from atomtune.diffusion.methods import MethodConfig
+from atomtune.diffusion.methods import DEFAULT_NUM_ATOMS, MethodConfig
 from atomtune.errors import AtomtuneError
 from atomtune.io import list_images
 from atomtune.tiny import tiny_pixart
@@ -94,7 +94,7 @@ def test_settings_from_yaml_and_toml_with_flags_winning(tmp_path):
     )
     s = TrainSettings.build(toml_file)
     assert s.optimizer == "adamw" and s.atoms == {"lambda_init": 0.01} and s.method == "atoms"
-    assert s.method_config().describe().startswith("atoms: 64 per projection")  # the projections' default
+    assert s.method_config().describe().startswith(f"atoms: {DEFAULT_NUM_ATOMS['projections']} per projection")  # the projections' default
     assert s.method_config().resolved(tiny_pixart()).atom_config().lambda_init == 0.01
 
 

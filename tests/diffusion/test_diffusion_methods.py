@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atomtune.diffusion.adapters import load_adapters, read_adapter_info
-from atomtune.diffusion.methods import METHODS, MethodConfig, apply_method
+from atomtune.diffusion.methods import DEFAULT_NUM_ATOMS, METHODS, MethodConfig, apply_method
 from atomtune.errors import AtomtuneError
 from atomtune.tiny import tiny_pixart, tiny_pixart_inputs
 from diffusion_helpers import one_thread
@@ -123,8 +123,8 @@ def test_projection_atoms_go_where_the_host_spec_says_and_the_description_names_
     names = list(tuned.handle.atoms())
     assert names and all(n.endswith((".to_q", ".to_v")) for n in names) and len(names) == 2 * 2 * 2
     assert tuned.target_modules == ("to_q", "to_v")
-    text = MethodConfig(num_atoms=8).describe(tuned.target_modules)
+    text = MethodConfig(num_atoms=8, atom_budget=6).describe(tuned.target_modules)
     assert text.startswith("atoms: 8 per projection on to_q, to_v, cut to 6 by contribution")
     attention = MethodConfig(num_atoms=4, form="attention").describe()
     assert "per attention module (both-attention, pre_out)" in attention
-    assert MethodConfig(form="attention").num_atoms == "parity" and MethodConfig().num_atoms == 64
+    assert MethodConfig(form="attention").num_atoms == "parity" and MethodConfig().num_atoms == DEFAULT_NUM_ATOMS["projections"]

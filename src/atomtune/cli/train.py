@@ -74,7 +74,7 @@ def register(sub) -> None:
         type=_num_atoms,
         default=None,
         help="atoms per adapted module to start with, or 'parity': as many parameters as LoRA --rank on "
-        "the host's LoRA targets (default: 64 per projection; with --form attention, parity: 64 per "
+        "the host's LoRA targets (default: 150 per projection; with --form attention, parity: 64 per "
         "module on PixArt-Σ, 83 on SD3.5-M, 128 on Flux.1, 48 on Sana)",
     )
     p.add_argument(

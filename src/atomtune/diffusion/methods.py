@@ -11,7 +11,7 @@ DoRA rank 16 (``lora_alpha`` = rank), OFT ``r=4`` blocks. Atoms take one of two 
 - ``"attention"``: the paper's update on the attention modules, ``ΔO = σ_λ(A·X·W_s)·D``. It changes
   only the value path (without shrinkage it is a rank-M LoRA on ``to_v``), and measures so.
 
-Atoms default to 64 per projection cut to 6 during training, or, in the attention form, to as many
+Atoms default to 150 per projection cut to 15 during training (at LoRA r16's parameters), or, in the attention form, to as many
 trainable parameters as that LoRA (``num_atoms="parity"``, counted on the model at hand).
 
 An adapter folder holds the method's own files (atomtune's ``adapter_config.json`` +
@@ -38,17 +38,17 @@ from atomtune.errors import AtomtuneError
 METHODS = ("atoms", "lora", "dora", "oft")
 FORMS = ("projections", "attention")
 DEFAULT_FORM = "projections"
-# Atoms per module by default, per form. On the projections, 64 per projection (four times LoRA
-# r16's rank), cut by contribution to DEFAULT_ATOM_BUDGET = 6 during training: the recipe chosen on
-# the testbed's selection seeds (docs/quality.md); the shipped adapter has 6·(in + out + 1)
-# parameters per projection, under LoRA r16's 16·(in + out), and at most 6 of the 64 atoms act per
-# token. In the attention form, "parity": as many trainable parameters as LoRA rank ``rank`` on the
-# host's LoRA targets (``core.parity``): 64 per module on PixArt-Σ, 83 on SD3.5-M, 128 on
-# Flux.1-dev, 48 on Sana-1600M. "parity" on the projections is ``rank - 1`` per projection (an atom
-# costs one threshold more than a rank of LoRA).
+# Atoms per module by default, per form. On the projections, 150 per projection, cut by
+# contribution to DEFAULT_ATOM_BUDGET = 15 during training: the shipped adapter has 15·(in + out + 1)
+# parameters per projection, at LoRA r16's 16·(in + out) (the bench compares at equal parameters),
+# and at most 15 of the 150 atoms (10%) act per token. Chosen on the testbed's selection seeds
+# against 64 cut to 6 (docs/quality.md). In the attention form, "parity": as many trainable
+# parameters as LoRA rank ``rank`` on the host's LoRA targets (``core.parity``): 64 per module on
+# PixArt-Σ, 83 on SD3.5-M, 128 on Flux.1-dev, 48 on Sana-1600M. "parity" on the projections is
+# ``rank - 1`` per projection (an atom costs one threshold more than a rank of LoRA).
 PARITY = "parity"
-DEFAULT_NUM_ATOMS: dict[str, int | str] = {"projections": 64, "attention": PARITY}
-DEFAULT_ATOM_BUDGET = 6  # atoms kept per module after training (0: all)
+DEFAULT_NUM_ATOMS: dict[str, int | str] = {"projections": 150, "attention": PARITY}
+DEFAULT_ATOM_BUDGET = 15  # atoms kept per module after training (0: all)
 
 
 @dataclass
