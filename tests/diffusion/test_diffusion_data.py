@@ -94,7 +94,9 @@ def test_settings_from_yaml_and_toml_with_flags_winning(tmp_path):
     )
     s = TrainSettings.build(toml_file)
     assert s.optimizer == "adamw" and s.atoms == {"lambda_init": 0.01} and s.method == "atoms"
-    assert s.method_config().describe().startswith(f"atoms: {DEFAULT_NUM_ATOMS['projections']} per projection")  # the projections' default
+    assert (
+        s.method_config().describe().startswith(f"atoms: {DEFAULT_NUM_ATOMS['projections']} per projection")
+    )  # the projections' default
     assert s.method_config().resolved(tiny_pixart()).atom_config().lambda_init == 0.01
 
 

@@ -127,4 +127,7 @@ def test_projection_atoms_go_where_the_host_spec_says_and_the_description_names_
     assert text.startswith("atoms: 8 per projection on to_q, to_v, cut to 6 by contribution")
     attention = MethodConfig(num_atoms=4, form="attention").describe()
     assert "per attention module (both-attention, pre_out)" in attention
-    assert MethodConfig(form="attention").num_atoms == "parity" and MethodConfig().num_atoms == DEFAULT_NUM_ATOMS["projections"]
+    assert (
+        MethodConfig(form="attention").num_atoms == "parity"
+        and MethodConfig().num_atoms == DEFAULT_NUM_ATOMS["projections"]
+    )

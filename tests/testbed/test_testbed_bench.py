@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from atomtune.cli import main
+from atomtune.cli.main import build_parser
+from atomtune.cli.testbed import bench_settings
+from atomtune.diffusion.methods import DEFAULT_ATOM_BUDGET, DEFAULT_FORM, DEFAULT_NUM_ATOMS
 from atomtune.errors import AtomtuneError
 from atomtune.testbed import customize as cz
 from atomtune.testbed.bench import BenchSettings, run_bench
@@ -138,6 +141,16 @@ def test_one_selection_rule_keeps_the_other_digits_and_alignment():
     ]
     assert _choose(rows)["learning_rate"] == 3e-4
     assert _choose(rows[2:])["learning_rate"] == 3e-3  # (0.99 + 0.9 + 1.0) / 3 beats (0.95 + 1.0 + 0.85) / 3
+
+
+def test_bench_cli_runs_the_recipe_unless_told_otherwise():
+    parser = build_parser()
+    recipe = bench_settings(parser.parse_args(["testbed", "bench", "--out", "x"]))
+    assert (recipe.num_atoms, recipe.atom_budget) == (DEFAULT_NUM_ATOMS[DEFAULT_FORM], DEFAULT_ATOM_BUDGET)
+    told = bench_settings(
+        parser.parse_args(["testbed", "bench", "--out", "x", "--num-atoms", "8", "--atom-budget", "2"])
+    )
+    assert (told.num_atoms, told.atom_budget) == (8, 2)
 
 
 def test_bench_cli_rejects_bad_options(tmp_path, capsys):

@@ -6,8 +6,15 @@ import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from atomtune.diffusion.methods import DEFAULT_ATOM_BUDGET, DEFAULT_FORM, DEFAULT_NUM_ATOMS
 from atomtune.validation import COUNT, SEED, device_option, option
+
+if TYPE_CHECKING:
+    from atomtune.testbed.bench import BenchSettings
+
+RECIPE_NUM_ATOMS, RECIPE_BUDGET = DEFAULT_NUM_ATOMS[DEFAULT_FORM], DEFAULT_ATOM_BUDGET  # the testbed's recipe
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -66,20 +73,21 @@ def _preview(args: argparse.Namespace) -> None:
     print(json.dumps(scores))
 
 
-def _bench(args: argparse.Namespace) -> None:
+def bench_settings(args: argparse.Namespace) -> BenchSettings:
+    """``BenchSettings`` from ``testbed bench``'s options; an option left out keeps the recipe's value."""
     from atomtune.cli.options import seed_list
-    from atomtune.testbed.bench import BenchSettings, parse_list, run_bench
+    from atomtune.testbed.bench import BenchSettings, parse_list
     from atomtune.validation import check_number
 
     learning_rates = parse_list(args.learning_rates, float)
     for lr in learning_rates:
         check_number("--learning-rates", lr, above=0)
-    settings = BenchSettings(
+    return BenchSettings(
         methods=parse_list(args.methods, str),
         seeds=tuple(seed_list(args.seeds, "--seeds")),
         learning_rates=learning_rates,
         steps=args.steps,
-        num_atoms=args.num_atoms,
+        **({} if args.num_atoms is None else {"num_atoms": args.num_atoms}),
         **({} if args.atom_budget is None else {"atom_budget": args.atom_budget}),
         eval_seeds=tuple(seed_list(args.eval_seeds, "--eval-seeds")),
         prompts=args.prompts,
@@ -88,9 +96,12 @@ def _bench(args: argparse.Namespace) -> None:
         topk=not args.no_topk,
         merge=not args.no_merge,
     )
-    from atomtune.testbed.bench import markdown
 
-    report = run_bench(settings, args.out, args.weights, not args.quiet)
+
+def _bench(args: argparse.Namespace) -> None:
+    from atomtune.testbed.bench import markdown, run_bench
+
+    report = run_bench(bench_settings(args), args.out, args.weights, not args.quiet)
     print(markdown(report))
     print(f"wrote {Path(args.out) / 'bench.md'} and bench.json")
 
@@ -179,12 +190,17 @@ def register(sub) -> None:
         "--learning-rates", default="3e-5,1e-4,3e-4,1e-3,3e-3", help="the search grid, same for all"
     )
     p.add_argument("--steps", type=COUNT, default=600)
-    p.add_argument("--num-atoms", type=COUNT, default=64, help="atoms per projection (default: %(default)s)")
+    p.add_argument("--num-atoms", type=COUNT, help=f"atoms per projection (default: {RECIPE_NUM_ATOMS})")
     p.add_argument(
         "--prior-per-digit", type=option(int, minimum=0), default=4,
         help="prior preservation: the pretrained model's drawings of each other digit (0: off)",
     )  # fmt: skip
-    p.add_argument("--atom-budget", type=COUNT, default=None, help="atoms kept per projection (default: 6)")
+    p.add_argument(
+        "--atom-budget",
+        type=COUNT,
+        default=None,
+        help=f"atoms kept per projection (default: {RECIPE_BUDGET})",
+    )
     p.add_argument("--eval-seeds", default="0,1", help="samples per prompt")
     p.add_argument("--prompts", help="a file of prompts, one per line, {} = the concept")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
@@ -210,8 +226,10 @@ def register(sub) -> None:
         help="the grid every method chooses from; every rate is also reported (default: 1e-4,3e-4,1e-3)",
     )
     p.add_argument("--steps", type=COUNT, help="training steps on the one image (default: 60)")
-    p.add_argument("--num-atoms", type=COUNT, help="atoms per projection (default: 64)")
-    p.add_argument("--atom-budget", type=COUNT, help="atoms kept per projection in training (default: 6)")
+    p.add_argument("--num-atoms", type=COUNT, help=f"atoms per projection (default: {RECIPE_NUM_ATOMS})")
+    p.add_argument(
+        "--atom-budget", type=COUNT, help=f"atoms kept per projection in training (default: {RECIPE_BUDGET})"
+    )
     p.add_argument("--sample-steps", type=COUNT, help="sampling steps per drawing (default: 10)")
     p.add_argument("--weights", help="digit_dit.safetensors (default: the shipped one)")
     p.add_argument("--quiet", action="store_true")

@@ -42,7 +42,7 @@ class BenchSettings:
     select_seed: int = 100
     steps: int = 600
     num_atoms: int = cz.RECIPE_NUM_ATOMS  # per projection (to_q, to_k, to_v, to_out.0)
-    atom_budget: int = cz.RECIPE_BUDGET  # atoms kept per module by the recipe (9% of 66)
+    atom_budget: int = cz.RECIPE_BUDGET  # atoms kept per module by the recipe (10% of the dictionary)
     holdout_digit: int = 9
     instances: int = 5
     captions: bool = True  # each instance image under its own caption (its color, size, place + token)
