@@ -32,7 +32,7 @@ class DemoSettings:
     steps: int = 300
     learning_rate: float = RECIPE_LR
     num_atoms: int = cz.RECIPE_NUM_ATOMS  # per projection (to_q, to_k, to_v, to_out.0)
-    atom_budget: int = RECIPE_BUDGET  # atoms kept per projection (9% of the dictionary); 0 keeps all
+    atom_budget: int = RECIPE_BUDGET  # atoms kept per projection (10% of the dictionary); 0 keeps all
     seed: int = 0
     holdout_digit: int = 9
     prior_per_digit: int = 2  # prior preservation: the model's own drawings of each other digit (0: off)
@@ -91,7 +91,6 @@ def run_demo(
         ReportSettings(
             result.adapter_dir, out / "report", prompts=[SWEEP_PROMPT], seed=settings.seed,
             steps=cz.SAMPLE_STEPS, guidance_scale=cz.GUIDANCE, height=24, width=24,
-            ks=list(range(settings.atom_budget + 1)) if settings.atom_budget else None,  # 0: pretrained
         ),
         pipe=pipe, progress=False,
     )  # fmt: skip
