@@ -203,7 +203,7 @@ def test_sources_are_distinct_real_samples_with_one_attribute_changed_per_target
 def test_bad_settings_are_one_clear_error():
     for kwargs, message in [
         ({"methods": ("atoms", "ia3")}, "unknown method"),
-        ({"atom_budget": 80}, "atom budget must be in 1..64"),
+        ({"num_atoms": 64, "atom_budget": 80}, "atom budget must be in 1..64"),
         ({"scales": (0.5, 1.5)}, "scales must lie strictly between 0 and 1"),
         ({"ranks": (0,)}, "ranks must be ≥ 1"),
         ({"digits": (9, 12)}, "digits must be in 0..9"),
