@@ -11,8 +11,9 @@ DoRA rank 16 (``lora_alpha`` = rank), OFT ``r=4`` blocks. Atoms take one of two 
 - ``"attention"``: the paper's update on the attention modules, ``ΔO = σ_λ(A·X·W_s)·D``. It changes
   only the value path (without shrinkage it is a rank-M LoRA on ``to_v``), and measures so.
 
-Atoms default to 150 per projection cut to 15 during training (at LoRA r16's parameters), or, in the attention form, to as many
-trainable parameters as that LoRA (``num_atoms="parity"``, counted on the model at hand).
+Atoms default to 150 per projection cut to 15 during training (at LoRA r16's parameters), or, in
+the attention form, to as many trainable parameters as that LoRA (``num_atoms="parity"``, counted
+on the model at hand).
 
 An adapter folder holds the method's own files (atomtune's ``adapter_config.json`` +
 ``adapter_model.safetensors``, or PEFT's files of the same names) and ``atomtune.json``: the method,
