@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from atomtune.core.selection import global_top_k_masks
+from atomtune.core.selection import global_top_k_masks, top_k_masks
 from atomtune.diffusion.adapters import load_adapters
 from atomtune.diffusion.pipeline import pipeline_name
 from atomtune.diffusion.spec import spec_for
@@ -120,7 +120,7 @@ def loss_halves(pipe, classifier, references, adapter: Path) -> dict:
             ]
 
         def module_top(values) -> dict:
-            return {n: _top(values[n], per_module[n]) for n in values}
+            return {n: top_k_masks({n: values[n]}, per_module[n])[n] for n in values}
 
         generator = torch.Generator().manual_seed(0)
         randoms = [bh.random_importance(live, generator) for _ in range(2)]
@@ -139,12 +139,6 @@ def loss_halves(pipe, classifier, references, adapter: Path) -> dict:
         return record
     finally:
         tuned.unload()
-
-
-def _top(values: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros(len(values), dtype=torch.bool)
-    mask[values.argsort(descending=True)[:k]] = True
-    return mask
 
 
 def main() -> None:
