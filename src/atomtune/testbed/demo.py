@@ -34,7 +34,7 @@ class DemoSettings:
     # The demo's short run keeps the smaller budget, 64 per projection (to_q, to_k, to_v, to_out.0)
     # cut to 6: at 300 steps and 3e-4 the default 150 cut to 15 broke the other digits (prior kept
     # 0.56, P(target) 0.30, 288 s; benchmarks/results/demo/summary-150-cut-15.json), 64 cut to 6
-    # kept them (1.00, P(target) 0.73, 161 s). 0 keeps all.
+    # kept them (1.00, P(target) 0.83, 211 s). 0 keeps all.
     num_atoms: int = 64
     atom_budget: int = 6
     seed: int = 0
