@@ -53,8 +53,8 @@ class DemoSettings:
 def run_demo(
     out_dir: str | Path, settings: DemoSettings | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    from atomtune.diffusion.spec import spec_for
-    from atomtune.workflows.analyze import calibrate, heatmap
+    from atomtune.core.stats import AtomStatistics
+    from atomtune.workflows.analyze import heatmap
     from atomtune.workflows.report import ReportSettings, report
 
     settings = settings or DemoSettings()
@@ -78,12 +78,10 @@ def run_demo(
         atom_budget=settings.atom_budget, class_dir=class_dir,
     )  # fmt: skip
     try:
-        after, images_after = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
+        # the atoms' statistics come from the same sampling that the judges score (one pass, batched)
+        with AtomStatistics(result.tuned.handle) as stats:
+            after, images_after = cz.score_concept(pipe, prompts, seeds, target, references, classifier)
         after["prior"] = cz.score_prior(pipe, target, seeds, classifier)
-        spec = spec_for(pipe)
-        stats, _ = calibrate(
-            spec, result.tuned, [p.text for p in prompts], seeds, cz.SAMPLE_STEPS, cz.GUIDANCE, 24, 24
-        )
         contribution = stats.contribution()
         sparsity = stats.sparsity()
         stats.save_json(out / "rankings.json")
