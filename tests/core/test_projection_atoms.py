@@ -9,10 +9,11 @@ import copy
 import pytest
 import torch
 
-from atomtune import AtomConfig, AtomModel
+from atomtune import AtomConfig, AtomModel, AtomtuneError
 from atomtune.core.parity import lora_parameters, parity_atoms
 from atomtune.core.selection import top_k_masks
 from atomtune.core.stats import AtomStatistics
+from atomtune.core.targets import has_part
 from atomtune.tiny import tiny_pixart, tiny_pixart_inputs
 from conftest import run_pixart
 
@@ -137,6 +138,45 @@ def test_merges_of_projection_adapters_are_exact_per_projection():
     assert atoms.atoms("both")[key].num_atoms == 12
     a, b, s = (atoms.atoms(n)[key] for n in ("concept", "style", "summed"))
     assert torch.equal(s.W_s, a.W_s + b.W_s) and torch.equal(s.D, a.D + b.D)
+
+
+@pytest.mark.parametrize("how", ["sum", "concat"])
+def test_first_only_modules_keep_the_first_adapter_alone(how):
+    model = tiny_pixart(seed=0)
+    atoms = AtomModel(model, _config(), adapter_name="concept")
+    _trained_looking(atoms, seed=1)
+    atoms.add_adapter("style", _config())
+    _trained_looking(atoms, seed=2)
+    atoms.merge("concept", "style", "plain", how=how)
+    atoms.merge("concept", "style", "kept", how=how, first_only=["attn1.to_q"])
+    block = model.transformer_blocks[0]
+    x = torch.randn(2, 5, block.attn1.to_q.in_features)
+    outs = {}
+    for name in ("concept", "plain", "kept"):
+        atoms.set_adapter(name)
+        with torch.no_grad():
+            outs[name] = {p: getattr(block.attn1, p)(x) for p in ("to_q", "to_k")}
+            outs[name]["cross_q"] = block.attn2.to_q(x)
+    assert torch.equal(outs["kept"]["to_q"], outs["concept"]["to_q"])  # the style left out there
+    assert not torch.allclose(outs["plain"]["to_q"], outs["concept"]["to_q"])
+    for other in ("to_k", "cross_q"):  # the part names self-attention's queries only
+        assert torch.equal(outs["kept"][other], outs["plain"][other])
+    with pytest.raises(AtomtuneError, match=r"'attn9\.to_q' matches no module"):
+        atoms.merge("concept", "style", "bad", how=how, first_only=["attn9.to_q"])
+    assert "bad" not in atoms.configs
+    atoms.merge("concept", "style", "self", how=how, first_only=["attn1"])  # all of self-attention
+    atoms.set_adapter("self")
+    with torch.no_grad():
+        assert torch.equal(block.attn1.to_k(x), outs["concept"]["to_k"])
+        assert torch.equal(block.attn2.to_q(x), outs["plain"]["cross_q"])
+
+
+def test_a_part_is_a_run_of_dotted_components():
+    name = "transformer_blocks.3.attn1.to_q"
+    for part in ("attn1", "to_q", "attn1.to_q", "transformer_blocks.3", name):
+        assert has_part(name, [part])
+    for part in ("attn", "to", "3.attn", "to_q.x", "attn2"):
+        assert not has_part(name, [part])
 
 
 @pytest.mark.parametrize("rank", [1, 4, 16])

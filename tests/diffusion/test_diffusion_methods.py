@@ -118,6 +118,39 @@ def test_several_adapters_act_together_and_methods_do_not_mix(tmp_path):
         load_adapters(model, [tmp_path / "missing"], "tiny")
 
 
+@pytest.mark.parametrize("method", ["atoms", "lora"])
+def test_first_only_modules_run_the_first_adapter_alone(method, tmp_path):
+    """With ``first_only``, self-attention's queries see the first adapter alone; every other
+    projection sees both, for atoms (merged) and PEFT (activated per layer) alike."""
+    x = torch.randn(2, 5, tiny_pixart().transformer_blocks[0].attn1.to_q.in_features)
+    for i in range(2):
+        tuned = apply_method(tiny_pixart(), MethodConfig(method, num_atoms=8, atom_budget=0), "tiny")
+        _perturb(tuned, seed=i, scale=0.3)
+        tuned.save(tmp_path / f"a{i}")
+
+    def projections(dirs, **kwargs):
+        model = tiny_pixart()
+        tuned = load_adapters(model, dirs, "tiny", **kwargs)
+        attn1, attn2 = model.transformer_blocks[0].attn1, model.transformer_blocks[0].attn2
+        with torch.no_grad():
+            outs = {"q": attn1.to_q(x), "k": attn1.to_k(x), "cross q": attn2.to_q(x)}
+        tuned.unload()
+        return outs
+
+    first = projections([tmp_path / "a0"])
+    both = projections([tmp_path / "a0", tmp_path / "a1"])
+    kept = projections([tmp_path / "a0", tmp_path / "a1"], first_only=["attn1.to_q"])
+    assert torch.allclose(kept["q"], first["q"], atol=1e-6)
+    assert not torch.allclose(both["q"], first["q"], atol=1e-3)
+    for name in ("k", "cross q"):
+        assert torch.allclose(kept[name], both[name], atol=1e-6)
+    model = tiny_pixart()
+    before = {n for n, _ in model.named_modules()}
+    with pytest.raises(AtomtuneError, match=r"'attn9\.to_q' matches no module the adapters adapt"):
+        load_adapters(model, [tmp_path / "a0", tmp_path / "a1"], "tiny", first_only=["attn9.to_q"])
+    assert {n for n, _ in model.named_modules()} == before  # nothing left injected
+
+
 def test_projection_atoms_go_where_the_host_spec_says_and_the_description_names_them():
     tuned = apply_method(tiny_pixart(), MethodConfig(num_atoms=4), "tiny", target_modules=("to_q", "to_v"))
     names = list(tuned.handle.atoms())

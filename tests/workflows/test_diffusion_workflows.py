@@ -237,6 +237,11 @@ def foreign_lora(tmp_path_factory):
         (["generate", "--adapter", "{concept}", "--prompt", "x", "--gain", "bad"], "is not MODULE:ATOM=GAIN"),
         (["atoms", "--adapter", "{foreign}"], "atom analysis needs an atoms adapter"),
         (["merge", "{concept}", "{foreign}"], "merge takes atoms adapters"),
+        (["merge", "{concept}", "{style}", "--concept-only", "attn9.to_q"], "'attn9.to_q' matches no module"),
+        (
+            ["generate", "--adapter", "{concept}", "--prompt", "x", "--first-only", "to_q"],
+            "two or more adapters",
+        ),
         (["edit", "--image", "{empty}", "--source-prompt", "a dog", "--target-prompt", "x"], "no images in"),
     ],
 )
@@ -249,6 +254,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, runs, foreign_lora, tmp
         "{text}": tmp_path / "text",
         "{foreign}": foreign_lora,
         "{concept}": runs / "dog" / "adapter",
+        "{style}": runs / "style" / "adapter",
     }
     argv = [str(names.get(a, a)) for a in argv]
     defaults = {

@@ -47,6 +47,7 @@ def _generate(args: argparse.Namespace) -> None:
         rankings=args.rankings,
         gains=args.gain,
         combine=args.combine,
+        first_only=args.first_only,
         subject=args.subject,
         token=args.token,
         compile=args.compile,
@@ -63,6 +64,13 @@ def _add_generate(sub) -> None:
     add_loading(p)
     p.add_argument("--adapter", action="append", default=None, help="adapter folder (repeat for several)")
     p.add_argument("--combine", default="concat", help="several atom adapters: concat (exact) or sum")
+    p.add_argument(
+        "--first-only",
+        action="append",
+        default=None,
+        metavar="MODULE",
+        help="with several adapters, modules where the first acts alone (a dotted part of their names: attn1.to_q)",
+    )
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line")
     p.add_argument("--num-images", type=COUNT, default=1, help="images per prompt (default: %(default)s)")
@@ -247,6 +255,7 @@ def _merge(args: argparse.Namespace) -> None:
         args.style,
         args.out,
         how=args.how,
+        concept_only=args.concept_only,
         k=args.top_k,
         prompts=read_prompts(args.prompt, args.prompts_file),
         seeds=seed_list(args.seeds),
@@ -265,6 +274,13 @@ def _add_merge(sub) -> None:
     p.add_argument("concept", help="concept adapter folder")
     p.add_argument("style", help="style adapter folder")
     p.add_argument("--how", default="sum", help="sum (the paper) or concat (exact) (default: %(default)s)")
+    p.add_argument(
+        "--concept-only",
+        action="append",
+        default=None,
+        metavar="MODULE",
+        help="modules where the merge keeps the concept alone (a dotted part of their names: attn1.to_q)",
+    )
     p.add_argument("--top-k", type=COUNT, default=None, help="atoms per module compared (default: M/8)")
     p.add_argument("--prompt", action="append", default=None, help="calibrate importance on prompts")
     p.add_argument("--prompts-file", default=None)

@@ -7,27 +7,45 @@ other; ``atom_overlap`` measures exactly that. ``concat`` stacks the two
 atom sets (our addition): for element-wise shrinkages its update is exactly the sum of both
 adapters' updates. Thresholds λ are averaged by ``sum`` (adding two thresholds would double
 sparsity); masks are united and gains averaged.
+
+``first_only`` names modules where the merge keeps the first adapter alone, the per-module choice
+that B-LoRA and K-LoRA make for LoRA: a style adapter's change to, say, self-attention's queries
+(where each image token looks) can redraw the concept's shape. docs/merging.md measures it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from atomtune.core.layer import Atoms
 from atomtune.core.selection import kept_positions
+from atomtune.core.targets import has_part
 from atomtune.errors import AtomtuneError
 
 if TYPE_CHECKING:
     from atomtune.core.model import AtomModel
 
 MERGES = ("sum", "concat")
+KEYS = ("W_s", "D", "lam", "mask", "gain", "atom_ids")  # what one module of an adapter is made of
 
 
-def merge_adapters(atom_model: AtomModel, first: str, second: str, name: str, how: str = "sum") -> None:
-    """Add adapter ``name`` = ``first`` ⊕ ``second`` to ``atom_model`` and make it active."""
+def merge_adapters(
+    atom_model: AtomModel,
+    first: str,
+    second: str,
+    name: str,
+    how: str = "sum",
+    first_only: Sequence[str] = (),
+) -> None:
+    """Add adapter ``name`` = ``first`` ⊕ ``second`` to ``atom_model`` and make it active.
+
+    ``first_only``: modules, each named by a dotted part of its name (``attn1``, ``to_q``,
+    ``attn1.to_q``, ``transformer_blocks.3``), where ``name`` is ``first`` alone; each must match
+    an adapted module."""
     if how not in MERGES:
         raise AtomtuneError(f"merge must be one of {', '.join(MERGES)}; got {how!r}")
     for adapter in (first, second):
@@ -45,11 +63,17 @@ def merge_adapters(atom_model: AtomModel, first: str, second: str, name: str, ho
     if set(a) != set(b):
         diff = sorted(set(a) ^ set(b))[0]
         raise AtomtuneError(f"cannot merge: module {diff} is adapted by one adapter only")
+    first_only = list(first_only)
+    for pattern in first_only:
+        if not any(has_part(module, [pattern]) for module in a):
+            raise AtomtuneError(f"first-only module {pattern!r} matches no module the adapters adapt")
     layers = atom_model.layers()
     merged = {}
     for module, atoms_a in a.items():
         atoms_b, heads = b[module], layers[module].heads
-        if how == "sum":
+        if first_only and has_part(module, first_only):
+            merged[module] = {key: getattr(atoms_a, key).detach().clone() for key in KEYS}
+        elif how == "sum":
             if ca.num_atoms != cb.num_atoms or atoms_a.D.shape[1] != atoms_b.D.shape[1]:
                 raise AtomtuneError(
                     f"sum merge needs dictionaries of one size; {module}: {ca.num_atoms} atoms of "

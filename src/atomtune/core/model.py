@@ -6,7 +6,7 @@ already holds (``pipe.transformer``), so diffusers and transformers code keeps w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -250,11 +250,13 @@ class AtomModel:
 
         return prune(self, adapter)
 
-    def merge(self, first: str, second: str, name: str, how: str = "sum") -> None:
+    def merge(
+        self, first: str, second: str, name: str, how: str = "sum", first_only: Sequence[str] = ()
+    ) -> None:
         """Add adapter ``name`` merging ``first`` and ``second`` (see ``merge.merge_adapters``)."""
         from atomtune.core.merge import merge_adapters
 
-        merge_adapters(self, first, second, name, how)
+        merge_adapters(self, first, second, name, how, first_only)
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | Path, adapter: str | None = None) -> Path:

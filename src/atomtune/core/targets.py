@@ -33,6 +33,12 @@ def _name_matches(name: str, target: str | list[str] | None) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
+def has_part(name: str, parts: Iterable[str]) -> bool:
+    """Whether one of ``parts`` is a run of ``name``'s dotted components: ``attn1``, ``to_q``,
+    ``attn1.to_q`` and ``transformer_blocks.3`` are parts of ``transformer_blocks.3.attn1.to_q``."""
+    return any(f".{part}." in f".{name}." for part in parts)
+
+
 def find_targets(
     model: nn.Module, config: AtomConfig, modules: Iterable[tuple[str, nn.Module]] | None = None
 ) -> list[tuple[str, nn.Module]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +105,17 @@ def check_base(model: nn.Module, info: dict[str, Any], directory: str | Path, pr
 
 
 def load_adapters(
-    model: nn.Module, directories: list[str | Path], pretrained: str | None, combine: str = "concat"
+    model: nn.Module,
+    directories: list[str | Path],
+    pretrained: str | None,
+    combine: str = "concat",
+    first_only: Sequence[str] = (),
 ) -> Tuned:
     """Load one or more adapters of one method into ``model``, all acting together.
 
     Several atom adapters are merged into one (``combine="concat"``: the exact sum of their updates;
-    ``"sum"``: the paper's parameter sum); several PEFT adapters are activated together.
+    ``"sum"``: the paper's parameter sum); several PEFT adapters are activated together. In the
+    ``first_only`` modules the first adapter acts alone, whatever the method.
     """
     if not directories:
         raise AtomtuneError("no adapter given")
@@ -132,7 +138,7 @@ def load_adapters(
                 current = names[0]
                 for i, name in enumerate(names[1:], start=1):
                     merged = "combined" if i == len(names) - 1 else f"combined_{i}"
-                    handle.merge(current, name, merged, how=combine)
+                    handle.merge(current, name, merged, how=combine, first_only=first_only)
                     current = merged
         except Exception:
             handle.unload()
@@ -141,7 +147,7 @@ def load_adapters(
     from peft import PeftConfig, inject_adapter_in_model
 
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    tuned = PeftTuned(model, method, names, pretrained, requires_grad)
+    tuned = PeftTuned(model, method, names, pretrained, requires_grad, first_only)
     try:
         for name, directory in zip(names, directories, strict=True):
             try:
@@ -156,8 +162,8 @@ def load_adapters(
             except ValueError as exc:
                 raise AtomtuneError(f"adapter {directory} does not fit this model: {exc}") from exc
             _set_peft_state(model, directory, name)
+        tuned.activate()
     except Exception:
         tuned.unload()
         raise
-    tuned.activate()
     return tuned

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from atomtune.core.serialization import CONFIG_NAME, WEIGHTS_NAME
+from atomtune.core.targets import has_part
 from atomtune.diffusion.tuned import Tuned
 from atomtune.errors import AtomtuneError
 from atomtune.io import atomic_write
@@ -26,29 +27,38 @@ class PeftTuned(Tuned):
         adapters: list[str],
         pretrained: str | None,
         requires_grad: dict[str, bool] | None = None,
+        first_only: Sequence[str] = (),
     ) -> None:
+        """``first_only``: modules (each named by a dotted part of its name, ``attn1.to_q``) where
+        the first adapter acts alone when several are loaded."""
         super().__init__(model, pretrained)
         self.method = method
         self.adapters = adapters
+        self.first_only = list(first_only)
         self._requires_grad = requires_grad or {}
 
-    def _tuner_layers(self) -> list[nn.Module]:
+    def _tuner_layers(self) -> list[tuple[str, nn.Module]]:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
 
     def activate(self) -> None:
         """Make every loaded adapter act (several at once: their updates add up)."""
         names = self.adapters if len(self.adapters) > 1 else self.adapters[0]
-        for layer in self._tuner_layers():
-            layer.set_adapter(names)  # also makes exactly these adapters' parameters trainable
+        layers = self._tuner_layers()
+        for pattern in self.first_only:
+            if not any(has_part(name, [pattern]) for name, _ in layers):
+                raise AtomtuneError(f"first-only module {pattern!r} matches no module the adapters adapt")
+        for name, layer in layers:
+            alone = self.first_only and has_part(name, self.first_only)
+            layer.set_adapter(self.adapters[0] if alone else names)  # these adapters also train
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.model.named_parameters() if p.requires_grad]
 
     @contextmanager
     def disable(self) -> Iterator[None]:
-        layers = self._tuner_layers()
+        layers = [layer for _, layer in self._tuner_layers()]
         for layer in layers:
             layer.enable_adapters(False)
         try:

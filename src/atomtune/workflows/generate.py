@@ -198,6 +198,7 @@ class GenerateSettings:
     rankings: str | Path | dict | None = None
     gains: list[str] | dict | None = None
     combine: str = "concat"
+    first_only: list[str] | None = None  # with several adapters: modules where the first acts alone
     subject: str | None = None  # the manifest's subject (default: the output folder's name)
     token: str = "sks"
     dtype: str = "auto"
@@ -228,6 +229,9 @@ def generate(settings: GenerateSettings, pipe=None, progress: bool = True) -> Ge
         raise AtomtuneError(f"num-images must be >= 1, got {s.num_images}")
     if combine not in MERGES:
         raise AtomtuneError(f"combine must be one of {', '.join(MERGES)}; got {combine!r}")
+    first_only = list(s.first_only or [])
+    if first_only and len(adapters or []) < 2:
+        raise AtomtuneError("first-only modules need two or more adapters")
     seeds = list(s.seeds) if s.seeds else [s.seed + i for i in range(s.num_images)]
     gains = parse_gains(s.gains)
     mask_values = read_masks(s.masks)
@@ -238,7 +242,7 @@ def generate(settings: GenerateSettings, pipe=None, progress: bool = True) -> Ge
     spec.check_resolution(height, width)
     tuned = None
     if adapters:
-        tuned = load_adapters(pipe.transformer, list(adapters), pipeline_name(pipe), combine)
+        tuned = load_adapters(pipe.transformer, list(adapters), pipeline_name(pipe), combine, first_only)
     elif mask_values is not None or gains or top_k is not None:
         raise AtomtuneError("masks, top-k and gains need an --adapter")
     restore = None
@@ -267,6 +271,7 @@ def generate(settings: GenerateSettings, pipe=None, progress: bool = True) -> Ge
         "base_model": pipeline_name(pipe),
         "adapters": [str(a) for a in adapters or []],
         "combine": combine if adapters and len(adapters) > 1 else None,
+        "first_only": first_only,
         "prompts": prompts,
         "seeds": seeds,
         "steps": steps,

@@ -41,6 +41,7 @@ def merge(
     style: str | Path,
     out_dir: str | Path,
     how: str = "sum",
+    concept_only: list[str] | None = None,
     k: int | None = None,
     prompts: list[str] | None = None,
     seeds: list[int] | None = None,
@@ -55,6 +56,8 @@ def merge(
     """Merge ``concept`` and ``style`` (atoms adapters of the same model) into ``out_dir``.
 
     The overlap compares each module's top-``k`` atoms of both (default: an eighth of the atoms).
+    In the ``concept_only`` modules the merge is the concept adapter alone (``merge_adapters``'
+    ``first_only``).
     """
     if how not in MERGES:
         raise AtomtuneError(f"merge must be one of {', '.join(MERGES)}; got {how!r}")
@@ -93,10 +96,12 @@ def merge(
         overlap = atom_overlap(
             importance["concept"], importance["style"], k_used, ids["concept"], ids["style"]
         )
-        handle.merge("concept", "style", "merged", how=how)
+        handle.merge("concept", "style", "merged", how=how, first_only=concept_only or ())
         out = Path(out_dir).expanduser()
         tuned = AtomTuned(handle, name)
         record = {"concept": str(concept), "style": str(style), "how": how}
+        if concept_only:
+            record["concept_only"] = list(concept_only)
         if how == "concat":  # the style's atom ids are shifted by the concept's count
             record["offset"] = handle.configs["concept"].num_atoms
         tuned.save(out, extra={"merged_from": record})
@@ -105,6 +110,7 @@ def merge(
             "concept": str(concept),
             "style": str(style),
             "how": how,
+            "concept_only": list(concept_only or []),
             "k": k_used,
             "importance": source,
             "mean_overlap": mean,
@@ -112,7 +118,7 @@ def merge(
         }
         overlap_path = save_json(document, out / "overlap.json")
         table = overlap_table(overlap, k_used, mean)
-        save_text(_card(name, concept, style, how, k_used, mean, source), out / "README.md")
+        save_text(_card(name, concept, style, how, concept_only, k_used, mean, source), out / "README.md")
     finally:
         handle.unload()
     return MergeResult(out, overlap_path, overlap, mean, table)
@@ -147,12 +153,13 @@ def overlap_table(overlap: dict[str, dict[str, Any]], k: int, mean: float) -> st
     return "\n".join(lines)
 
 
-def _card(base, concept, style, how, k, mean, source) -> str:
+def _card(base, concept, style, how, concept_only, k, mean, source) -> str:
+    alone = f"; the concept alone in {', '.join(f'`{m}`' for m in concept_only)}" if concept_only else ""
     return f"""# merged atoms adapter for {base}
 
 - Concept adapter: `{concept}`
 - Style adapter: `{style}`
-- Merge: `{how}` ({"parameters added, as in the paper" if how == "sum" else "dictionaries stacked: the exact sum of both updates"})
+- Merge: `{how}` ({"parameters added, as in the paper" if how == "sum" else "dictionaries stacked: the exact sum of both updates"}){alone}
 - Overlap of the two adapters' top-{k} atoms per module: mean {mean:.2f} (importance: {source});
   per module in `overlap.json`
 
