@@ -66,7 +66,7 @@ def merge_adapters(
     first_only = list(first_only)
     for pattern in first_only:
         if not any(has_part(module, [pattern]) for module in a):
-            raise AtomtuneError(f"first-only module {pattern!r} matches no module the adapters adapt")
+            raise AtomtuneError(f"module {pattern!r} matches no module the adapters adapt")
     layers = atom_model.layers()
     merged = {}
     for module, atoms_a in a.items():

@@ -48,7 +48,7 @@ class PeftTuned(Tuned):
         layers = self._tuner_layers()
         for pattern in self.first_only:
             if not any(has_part(name, [pattern]) for name, _ in layers):
-                raise AtomtuneError(f"first-only module {pattern!r} matches no module the adapters adapt")
+                raise AtomtuneError(f"module {pattern!r} matches no module the adapters adapt")
         for name, layer in layers:
             alone = self.first_only and has_part(name, self.first_only)
             layer.set_adapter(self.adapters[0] if alone else names)  # these adapters also train
