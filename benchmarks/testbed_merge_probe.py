@@ -3,10 +3,10 @@ benchmark does not report (its merge draws seeds 0-7).
 
     python benchmarks/testbed_merge_probe.py --out runs/merge-probe --bench runs/bench --seed 100
 
-The concept adapters are the benchmark's own runs (``BENCH/runs/{atoms,lora}/lr-*/seed-SEED``);
-the style adapters are trained here with the benchmark's recipe and rates on the same seed (on
-seed 0, the benchmark's report pair, its own style adapters are used). Each variant appends one JSON line to
-``OUT/results.jsonl``: P(target) on "a large/small sks digit, zwx style" over ``--samples``
+Concept and style adapters of training seed SEED come from the benchmark's folder where it kept
+them (``BENCH/runs/{atoms,lora}/lr-*/seed-SEED``; on seed 0, its report pair, also its style
+adapters), else they are trained here with the benchmark's data, recipe and rates. Each variant
+appends one JSON line to ``OUT/results.jsonl``: P(target) on "a large/small sks digit, zwx style" over ``--samples``
 sampling seeds from 100, the style share, and the share of its concept-only P(target) kept.
 """
 
