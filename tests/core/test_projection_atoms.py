@@ -161,7 +161,7 @@ def test_first_only_modules_keep_the_first_adapter_alone(how):
     assert not torch.allclose(outs["plain"]["to_q"], outs["concept"]["to_q"])
     for other in ("to_k", "cross_q"):  # the part names self-attention's queries only
         assert torch.equal(outs["kept"][other], outs["plain"][other])
-    with pytest.raises(AtomtuneError, match=r"'attn9\.to_q' matches no module"):
+    with pytest.raises(AtomtuneError, match=r"no adapted module has 'attn9\.to_q' in its name"):
         atoms.merge("concept", "style", "bad", how=how, first_only=["attn9.to_q"])
     assert "bad" not in atoms.configs
     atoms.merge("concept", "style", "self", how=how, first_only=["attn1"])  # all of self-attention

@@ -23,14 +23,14 @@ import torch
 
 from atomtune.core.layer import Atoms
 from atomtune.core.selection import kept_positions
-from atomtune.core.targets import has_part
+from atomtune.core.serialization import TENSORS
+from atomtune.core.targets import check_parts, has_part
 from atomtune.errors import AtomtuneError
 
 if TYPE_CHECKING:
     from atomtune.core.model import AtomModel
 
 MERGES = ("sum", "concat")
-KEYS = ("W_s", "D", "lam", "mask", "gain", "atom_ids")  # what one module of an adapter is made of
 
 
 def merge_adapters(
@@ -64,15 +64,13 @@ def merge_adapters(
         diff = sorted(set(a) ^ set(b))[0]
         raise AtomtuneError(f"cannot merge: module {diff} is adapted by one adapter only")
     first_only = list(first_only)
-    for pattern in first_only:
-        if not any(has_part(module, [pattern]) for module in a):
-            raise AtomtuneError(f"module {pattern!r} matches no module the adapters adapt")
+    check_parts(a, first_only)
     layers = atom_model.layers()
     merged = {}
     for module, atoms_a in a.items():
         atoms_b, heads = b[module], layers[module].heads
         if first_only and has_part(module, first_only):
-            merged[module] = {key: getattr(atoms_a, key).detach().clone() for key in KEYS}
+            merged[module] = {key: getattr(atoms_a, key).detach().clone() for key in TENSORS}
         elif how == "sum":
             if ca.num_atoms != cb.num_atoms or atoms_a.D.shape[1] != atoms_b.D.shape[1]:
                 raise AtomtuneError(

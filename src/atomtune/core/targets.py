@@ -39,6 +39,14 @@ def has_part(name: str, parts: Iterable[str]) -> bool:
     return any(f".{part}." in f".{name}." for part in parts)
 
 
+def check_parts(names: Iterable[str], parts: Iterable[str]) -> None:
+    """Refuse a part that no one of ``names`` (the adapted modules) has."""
+    names = list(names)
+    for part in parts:
+        if not any(has_part(name, [part]) for name in names):
+            raise AtomtuneError(f"no adapted module has {part!r} in its name")
+
+
 def find_targets(
     model: nn.Module, config: AtomConfig, modules: Iterable[tuple[str, nn.Module]] | None = None
 ) -> list[tuple[str, nn.Module]]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from atomtune.core.serialization import CONFIG_NAME, WEIGHTS_NAME
-from atomtune.core.targets import has_part
+from atomtune.core.targets import check_parts, has_part
 from atomtune.diffusion.tuned import Tuned
 from atomtune.errors import AtomtuneError
 from atomtune.io import atomic_write
@@ -46,9 +46,7 @@ class PeftTuned(Tuned):
         """Make every loaded adapter act (several at once: their updates add up)."""
         names = self.adapters if len(self.adapters) > 1 else self.adapters[0]
         layers = self._tuner_layers()
-        for pattern in self.first_only:
-            if not any(has_part(name, [pattern]) for name, _ in layers):
-                raise AtomtuneError(f"module {pattern!r} matches no module the adapters adapt")
+        check_parts((name for name, _ in layers), self.first_only)
         for name, layer in layers:
             alone = self.first_only and has_part(name, self.first_only)
             layer.set_adapter(self.adapters[0] if alone else names)  # these adapters also train
